@@ -1,0 +1,3 @@
+from ntransformer_jax.cli import run
+
+run()

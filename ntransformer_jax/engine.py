@@ -1,0 +1,293 @@
+"""The Engine: a loaded model with its tokenizer, KV cache and generation loop.
+
+    engine = ntransformer_jax.load("model.gguf", ctx_size=2048)
+    for piece in engine.generate("The capital of France is", max_new_tokens=16, temperature=0):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import os
+import secrets
+import time
+from typing import Iterable, Iterator, Sequence
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntransformer_jax import model as M
+from ntransformer_jax.errors import InputError, NTransformerError
+from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, TensorInfo
+from ntransformer_jax.sampling import SamplingParams, sample
+from ntransformer_jax.tokenizer import Tokenizer
+
+DEFAULT_CTX = 4096
+MIN_PREFILL_BUCKET = 16
+MAX_PREFILL_CHUNK = 512
+
+_FLOAT_DTYPES = {
+    gguf.GGMLQuantizationType.F32: np.float32,
+    gguf.GGMLQuantizationType.F16: np.float16,
+    gguf.GGMLQuantizationType.BF16: jnp.bfloat16,
+}
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Figures of the last `generate` call."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    stop_reason: str = ""   # "eog", "max_new_tokens" or "ctx_size"
+
+    @property
+    def prompt_tok_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generate_tok_per_s(self) -> float:
+        # The first generated token comes from the prefill, so it is not counted here.
+        n = max(self.generated_tokens - 1, 0)
+        return n / self.generate_seconds if self.generate_seconds else 0.0
+
+
+def _to_host_array(info: TensorInfo) -> np.ndarray:
+    """The tensor's bytes as a numpy array of the layout `QTensor` expects."""
+    dtype = _FLOAT_DTYPES.get(info.qtype)
+    raw = np.asarray(info.data)
+    if dtype is not None:
+        raw = raw.reshape(-1).view(np.uint8).view(dtype)
+        return raw.reshape(info.shape)
+    rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+    return raw.reshape(rows, -1)
+
+
+class Engine:
+    """A model ready to run. Create with `ntransformer_jax.load`."""
+
+    def __init__(self, model_file: ModelFile, *, ctx_size: int | None = None,
+                 device: jax.Device | None = None, progress: Iterable | None = None):
+        self.model_file = model_file
+        self.config: LlamaConfig = model_file.config
+        self.tokenizer = Tokenizer.from_metadata(model_file.metadata)
+        if ctx_size is None or ctx_size == 0:
+            ctx_size = min(self.config.ctx_train, DEFAULT_CTX)
+        if ctx_size < 1:
+            raise InputError(f"ctx_size={ctx_size} must be positive")
+        self.ctx_size = int(ctx_size)
+        self.device = device or jax.devices()[0]
+        self._load_weights()
+        self._cache = [M.init_kv_cache(self.config, 1, self.ctx_size) for _ in range(self.config.n_layers)]
+        self._cache = jax.device_put(self._cache, self.device)
+        self.last_stats = GenerationStats()
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _put(self, info: TensorInfo) -> jax.Array:
+        return jax.device_put(_to_host_array(info), self.device)
+
+    def _qtensor(self, info: TensorInfo) -> M.QTensor:
+        return M.QTensor(self._put(info), info.qtype, info.shape[-1])
+
+    def _vector(self, info: TensorInfo) -> jax.Array:
+        return self._qtensor(info).dequantize().reshape(-1)
+
+    def _load_weights(self) -> None:
+        f, cfg = self.model_file, self.config
+        self.layers: list[M.LayerWeights] = []
+        for i in range(cfg.n_layers):
+            parts = {}
+            for short in LAYER_TENSORS:
+                info = f.layer_tensor(i, short)
+                parts[short] = self._vector(info) if short.endswith("norm") else self._qtensor(info)
+            self.layers.append(M.LayerWeights(**parts))
+        embd = self._qtensor(f.tensor("token_embd.weight"))
+        output = embd if cfg.tied_output else self._qtensor(f.tensor("output.weight"))
+        factors = (np.asarray(_to_host_array(f.tensor("rope_freqs.weight")), np.float32).reshape(-1)
+                   if cfg.has_rope_freqs else None)
+        self.globals = M.GlobalWeights(
+            token_embd=embd,
+            output_norm=self._vector(f.tensor("output_norm.weight")),
+            output=output,
+            rope_inv_freq=jax.device_put(M.rope_inv_freq(cfg, factors), self.device),
+        )
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all weights as held (the GGUF encoding)."""
+        leaves = jax.tree_util.tree_leaves((self.layers, self.globals))
+        return sum(int(x.size * x.dtype.itemsize) for x in leaves)
+
+    # -- tokenizer ---------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`, with llama.cpp's `llama_tokenize` meaning of the two flags."""
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(list(ids), dtype=np.int64)
+        if arr.ndim != 1:
+            raise InputError("token ids must be a flat sequence of integers")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.config.n_vocab):
+            bad = int(arr[(arr < 0) | (arr >= self.config.n_vocab)][0])
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.n_vocab})")
+        return arr.astype(np.int32)
+
+    def _forward(self, ids: np.ndarray, pos: int, all_logits: bool) -> jax.Array:
+        """Run `ids` (1-D) through the model starting at `pos`, updating the cache.
+
+        Returns logits [T, V] for every position when `all_logits`, else [1, V] for the last.
+        The prompt goes in chunks padded to power-of-two buckets so few shapes are compiled;
+        padded slots write cache entries past the last real token, which are overwritten before
+        any query can see them.
+        """
+        outputs = []
+        start = 0
+        while start < len(ids):
+            n = min(MAX_PREFILL_CHUNK, len(ids) - start)
+            room = self.ctx_size - (pos + start)
+            bucket = max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()) if n > 1 else 1
+            if bucket > room:
+                bucket = n
+            chunk = np.zeros((1, bucket), np.int32)
+            chunk[0, :n] = ids[start:start + n]
+            x = self._run_layers(jnp.asarray(chunk), pos + start)
+            if all_logits:
+                outputs.append(M.head(self.globals.output_norm, self.globals.output, x,
+                                      self.config.rms_eps)[0, :n])
+            elif start + n == len(ids):
+                last = x[:, n - 1:n]
+                outputs.append(M.head(self.globals.output_norm, self.globals.output, last,
+                                      self.config.rms_eps)[0])
+            start += n
+        return jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
+
+    def _run_layers(self, ids: jax.Array, pos: int) -> jax.Array:
+        x = M.embed(self.globals.token_embd, ids)
+        p = jnp.asarray(pos, jnp.int32)
+        for i, w in enumerate(self.layers):
+            x, self._cache[i] = M.block(self.config, w, x, self._cache[i], p, self.globals.rope_inv_freq)
+        return x
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits for every position of `ids` from a fresh context: float32 [len(ids), n_vocab]."""
+        arr = self._check_ids(ids)
+        if arr.size == 0:
+            return np.zeros((0, self.config.n_vocab), np.float32)
+        if arr.size > self.ctx_size:
+            raise InputError(f"{arr.size} tokens do not fit in ctx_size={self.ctx_size}")
+        return np.asarray(self._forward(arr, 0, all_logits=True), dtype=np.float32)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate_tokens(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 128,
+                        params: SamplingParams = SamplingParams(), seed: int | None = None
+                        ) -> Iterator[int]:
+        """Yield new token ids after `prompt_ids`, stopping at end-of-generation, the limit or ctx_size."""
+        ids = self._check_ids(prompt_ids)
+        if ids.size == 0:
+            raise InputError("the prompt is empty (no tokens to start from)")
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if ids.size >= self.ctx_size:
+            raise InputError(f"prompt of {ids.size} tokens does not fit in ctx_size={self.ctx_size} "
+                             f"(it needs at least {ids.size + 1})")
+        stats = self.last_stats = GenerationStats(prompt_tokens=int(ids.size))
+        key = jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
+        window = max(params.repeat_last_n, 1)
+        recent = np.full((1, window), -1, np.int32)
+        tail = ids[-window:] if params.repeat_last_n else ids[:0]
+        recent[0, window - len(tail):] = tail
+
+        t0 = time.perf_counter()
+        logits = self._forward(ids, 0, all_logits=False)          # [1, V]
+        pos = int(ids.size)
+        t_gen = None
+        stats.stop_reason = "max_new_tokens"
+        for step in range(max_new_tokens):
+            key, sub = jax.random.split(key)
+            token = int(sample(logits, jnp.asarray(recent), sub, params)[0])
+            if step == 0:
+                t_gen = time.perf_counter()
+                stats.prompt_seconds = t_gen - t0
+            stats.generated_tokens += 1
+            stats.generate_seconds = time.perf_counter() - t_gen
+            if self.tokenizer.is_eog(token):
+                stats.stop_reason = "eog"
+                return
+            yield token
+            if params.repeat_last_n:
+                recent = np.roll(recent, -1, axis=1)
+                recent[0, -1] = token
+            if step + 1 == max_new_tokens:
+                break
+            if pos >= self.ctx_size:
+                stats.stop_reason = "ctx_size"
+                return
+            logits = self._forward(np.asarray([token], np.int32), pos, all_logits=False)
+            pos += 1
+            stats.generate_seconds = time.perf_counter() - t_gen
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 repeat_penalty: float = 1.0, seed: int | None = None, *,
+                 repeat_last_n: int = 64, add_special: bool = True,
+                 parse_special: bool = True) -> Iterator[str]:
+        """Generate a continuation of `prompt`, yielding text pieces as they are produced.
+
+        A UTF-8 character split across tokens is yielded once it is whole. Stops at an
+        end-of-generation token, after `max_new_tokens`, or when the context is full
+        (`last_stats.stop_reason` tells which).
+        """
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
+        ids = self.tokenize(prompt, add_special=add_special, parse_special=parse_special)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in self.generate_tokens(ids, max_new_tokens=max_new_tokens, params=params, seed=seed):
+            piece = decoder.decode(self.tokenizer.token_bytes(token))
+            if piece:
+                yield piece
+        rest = decoder.decode(b"", final=True)
+        if rest:
+            yield rest
+
+
+_TIER_OPTIONS = ("vram_budget_gb", "ram_budget_gb", "max_vram_layers", "max_ram_layers", "streaming")
+
+
+def load(path: str | os.PathLike[str], *, ctx_size: int | None = None, **tier_options) -> Engine:
+    """Open a GGUF Llama model and place its weights.
+
+    Args:
+      path: the .gguf file.
+      ctx_size: context length (KV cache size); default min(training context, 4096).
+      **tier_options: weight placement options of the tiered store.
+    Returns:
+      An `Engine`.
+    Raises:
+      NTransformerError: the file or an option is unusable (message names it).
+    """
+    unknown = sorted(set(tier_options) - set(_TIER_OPTIONS))
+    if unknown:
+        raise InputError(f"unknown load option {unknown[0]!r}")
+    given = {k: v for k, v in tier_options.items() if v is not None}
+    if given:
+        raise InputError(f"load option {next(iter(given))!r}: tiered placement is not available in "
+                         "this version; all layers are placed in device memory")
+    model_file = ModelFile(path)
+    try:
+        return Engine(model_file, ctx_size=ctx_size)
+    except NTransformerError:
+        model_file.close()
+        raise

@@ -1,0 +1,207 @@
+"""The Llama forward pass as pure functions of (weights, activations, KV cache, position).
+
+Dimension letters: B batch, T new tokens, S cache length, D model width, F feed-forward width,
+N query heads, K KV heads, G = N // K query heads per KV head, H head size, V vocabulary.
+
+`block` is jitted once per weight-type signature and called with each layer's weights as
+arguments, so the same compiled function serves every layer wherever its bytes came from.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntransformer_jax import quants
+from ntransformer_jax.model_file import LlamaConfig
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@jax.tree_util.register_pytree_node_class
+class QTensor:
+    """A weight matrix [rows, cols] kept in its GGUF encoding.
+
+    `data` is uint8 [rows, row_bytes] for block-quantized types, or a float array [rows, cols]
+    for F32/F16/BF16. `qtype` and `n_cols` are static (part of the pytree structure).
+    """
+
+    def __init__(self, data: jax.Array, qtype: gguf.GGMLQuantizationType, n_cols: int):
+        self.data = data
+        self.qtype = gguf.GGMLQuantizationType(qtype)
+        self.n_cols = int(n_cols)
+
+    def tree_flatten(self):
+        return (self.data,), (self.qtype, self.n_cols)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.n_cols)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.size * self.data.dtype.itemsize)
+
+    def dequantize(self) -> jax.Array:
+        """float32 [rows, cols]."""
+        return quants.dequantize(self.data, self.qtype, self.n_cols)
+
+    def __repr__(self) -> str:
+        return f"QTensor({self.qtype.name}, shape={self.shape})"
+
+
+class LayerWeights(NamedTuple):
+    """One transformer block's weights (shapes as [out, in], numpy order)."""
+
+    attn_norm: jax.Array   # [D] f32
+    attn_q: QTensor        # [N*H, D]
+    attn_k: QTensor        # [K*H, D]
+    attn_v: QTensor        # [K*H, D]
+    attn_output: QTensor   # [D, N*H]
+    ffn_norm: jax.Array    # [D] f32
+    ffn_gate: QTensor      # [F, D]
+    ffn_up: QTensor        # [F, D]
+    ffn_down: QTensor      # [D, F]
+
+
+class GlobalWeights(NamedTuple):
+    """Weights outside the blocks."""
+
+    token_embd: QTensor    # [V, D]
+    output_norm: jax.Array  # [D] f32
+    output: QTensor        # [V, D] (token_embd again when tied)
+    rope_inv_freq: jax.Array  # [n_rot // 2] f32: per-pair angular frequency
+
+
+class KVCache(NamedTuple):
+    """One layer's cache. k, v: [B, S, K, H]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_kv_cache(cfg: LlamaConfig, batch: int, ctx: int, dtype=jnp.float32) -> KVCache:
+    shape = (batch, ctx, cfg.n_kv_head, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def rope_inv_freq(cfg: LlamaConfig, freq_factors: np.ndarray | None) -> np.ndarray:
+    """Angular frequency of each rotated pair: base^(-2i/n_rot) * freq_scale / factor_i (float32)."""
+    i = np.arange(cfg.n_rot // 2, dtype=np.float64)
+    inv = cfg.rope_freq_scale * cfg.rope_base ** (-2.0 * i / cfg.n_rot)
+    if freq_factors is not None:
+        inv = inv / np.asarray(freq_factors, dtype=np.float64)
+    return inv.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+def linear(x: jax.Array, w: QTensor) -> jax.Array:
+    """x [..., in] @ w.T -> [..., out], float32 accumulation."""
+    return jnp.einsum("...i,oi->...o", x, w.dequantize(), precision=HIGHEST)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    ms = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(ms + eps) * weight
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the first 2*len(inv_freq) dims of each head.
+
+    x: [B, T, N, H]; positions: [B, T] int32; inv_freq: [R] with R = n_rot // 2.
+    """
+    r = inv_freq.shape[0]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq   # [B, T, R]
+    cos = jnp.cos(angles)[:, :, None, :]                             # [B, T, 1, R]
+    sin = jnp.sin(angles)[:, :, None, :]
+    rot = x[..., : 2 * r].reshape(*x.shape[:-1], r, 2)
+    x0, x1 = rot[..., 0], rot[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(*x.shape[:-1], 2 * r)
+    return jnp.concatenate([out, x[..., 2 * r:]], axis=-1) if 2 * r < x.shape[-1] else out
+
+
+def attention(q: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
+    """Causal GQA attention of new queries over the cache.
+
+    q: [B, T, N, H] (already rotated); cache k/v: [B, S, K, H] holding every position up to the
+    last new one; positions: [B, T] absolute position of each query. Returns [B, T, N, H].
+    """
+    b, t, n, h = q.shape
+    k_heads = cache.k.shape[2]
+    s = cache.k.shape[1]
+    qg = q.reshape(b, t, k_heads, n // k_heads, h)                     # [B, T, K, G, H]
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, cache.k.astype(q.dtype),
+                        precision=HIGHEST) / np.sqrt(h).astype(np.float32)
+    key_pos = jnp.arange(s, dtype=jnp.int32)
+    mask = key_pos[None, None, :] <= positions[:, :, None]            # [B, T, S]
+    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, cache.v.astype(q.dtype), precision=HIGHEST)
+    return out.reshape(b, t, n, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def block(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, pos: jax.Array,
+          inv_freq: jax.Array) -> tuple[jax.Array, KVCache]:
+    """One transformer block.
+
+    Args:
+      cfg: static model config.
+      w: this layer's weights.
+      x: [B, T, D] residual stream for T new tokens at positions pos .. pos+T-1.
+      cache: this layer's KV cache (donated, returned updated).
+      pos: int32 scalar or [B], the position of the first new token.
+      inv_freq: [n_rot // 2] RoPE frequencies.
+    Returns:
+      (x [B, T, D], updated cache).
+    """
+    b, t, _ = x.shape
+    pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (b,))
+    positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]   # [B, T]
+
+    # Attention: norm, project, rotate, write the cache, attend, project back.
+    h = rms_norm(x, w.attn_norm, cfg.rms_eps)
+    q = linear(h, w.attn_q).reshape(b, t, cfg.n_head, cfg.head_dim)
+    k = linear(h, w.attn_k).reshape(b, t, cfg.n_kv_head, cfg.head_dim)
+    v = linear(h, w.attn_v).reshape(b, t, cfg.n_kv_head, cfg.head_dim)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (p, 0, 0)))
+    cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
+    attn = attention(q, cache, positions).reshape(b, t, cfg.q_dim)
+    x = x + linear(attn, w.attn_output)
+
+    # Feed-forward: SwiGLU.
+    h = rms_norm(x, w.ffn_norm, cfg.rms_eps)
+    ff = jax.nn.silu(linear(h, w.ffn_gate)) * linear(h, w.ffn_up)
+    x = x + linear(ff, w.ffn_down)
+    return x, cache
+
+
+@jax.jit
+def embed(token_embd: QTensor, ids: jax.Array) -> jax.Array:
+    """ids [B, T] -> [B, T, D] float32; only the looked-up rows are dequantized."""
+    rows = token_embd.data[ids]
+    return quants.dequantize(rows, token_embd.qtype, token_embd.n_cols)
+
+
+@functools.partial(jax.jit, static_argnames=("eps",))
+def head(output_norm: jax.Array, output: QTensor, x: jax.Array, eps: float) -> jax.Array:
+    """x [B, T, D] -> logits [B, T, V] float32."""
+    return linear(rms_norm(x, output_norm, eps), output)
