@@ -1,0 +1,72 @@
+"""The engine's logits against an independent float64 forward on the same dequantized weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ntransformer_jax as nt
+from conftest import LLAMA_CPP_QUANTS
+from reference import Float64Llama, compare_logits
+
+PROSE = (
+    "The old lighthouse keeper climbed the spiral stairs every evening at dusk. He carried a small "
+    "brass lantern, a notebook, and a thermos of strong black tea. From the top he could see the "
+    "fishing boats returning to the harbour, their nets heavy with mackerel and cod. In 1923 a storm "
+    "destroyed half of the village, but the lighthouse stood firm. def add(a, b):\n    return a + b\n"
+    "Numbers like 3.14159 and 2,718 appear in the margins of his notebook, next to sketches of gulls."
+)
+
+
+def _check(ours, ref, max_rel=1e-2, min_top1=0.97):
+    rel, top1 = compare_logits(ours, ref)
+    assert np.isfinite(ours).all()
+    assert rel <= max_rel and top1 >= min_top1, f"median rel err {rel:.2e}, top-1 {top1:.3f}"
+    return rel, top1
+
+
+def test_smollm_logits_match_float64_reference(smollm_engine, smollm_path):
+    ids = smollm_engine.tokenize(PROSE)[:96]
+    ours = smollm_engine.logits(ids)
+    assert ours.shape == (len(ids), smollm_engine.config.n_vocab) and ours.dtype == np.float32
+    _check(ours, Float64Llama(smollm_path).logits(ids))
+
+
+@pytest.mark.parametrize("ftype", ("F32",) + LLAMA_CPP_QUANTS)
+def test_synthetic_logits_match_float64_reference(ftype, tiny_f32_path, tiny_quantized):
+    path = tiny_f32_path if ftype == "F32" else tiny_quantized(ftype)
+    engine = nt.load(path, ctx_size=128)
+    cfg = engine.config
+    assert cfg.has_rope_freqs and not cfg.tied_output and cfg.n_kv_head < cfg.n_head
+    ids = np.random.default_rng().integers(0, cfg.n_vocab, 64)
+    _check(engine.logits(ids), Float64Llama(path).logits(ids))
+
+
+def test_incremental_decode_equals_prefill(tiny_f32_path):
+    """Token-by-token decoding through the KV cache gives the prefill's logits."""
+    engine = nt.load(tiny_f32_path, ctx_size=64)
+    ids = np.random.default_rng().integers(0, engine.config.n_vocab, 20).astype(np.int32)
+    full = engine.logits(ids)
+    steps = [np.asarray(engine._forward(ids[:5], 0, all_logits=True))]
+    for p in range(5, len(ids)):
+        steps.append(np.asarray(engine._forward(ids[p:p + 1], p, all_logits=True)))
+    inc = np.concatenate(steps)
+    np.testing.assert_allclose(inc, full, rtol=2e-4, atol=2e-4 * np.abs(full).max())
+
+
+def test_chunked_prefill_equals_single_chunk(tiny_f32_path, monkeypatch):
+    from ntransformer_jax import engine as engine_mod
+    engine = nt.load(tiny_f32_path, ctx_size=100)
+    ids = np.random.default_rng().integers(0, engine.config.n_vocab, 77)
+    whole = engine.logits(ids)
+    monkeypatch.setattr(engine_mod, "MAX_PREFILL_CHUNK", 16)
+    chunked = engine.logits(ids)
+    np.testing.assert_allclose(chunked, whole, rtol=2e-4, atol=2e-4 * np.abs(whole).max())
+
+
+def test_logits_rejects_bad_ids(tiny_f32_path):
+    engine = nt.load(tiny_f32_path, ctx_size=16)
+    with pytest.raises(nt.NTransformerError, match="outside the vocabulary"):
+        engine.logits([1, engine.config.n_vocab])
+    with pytest.raises(nt.NTransformerError, match="ctx_size"):
+        engine.logits([1] * 17)
