@@ -106,6 +106,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run() -> None:
     """Console-script entry point."""
+    FLAGS.set_default("verbosity", -1)   # warnings and errors only, unless --verbosity is given
     app.run(main, flags_parser=_parse_flags)
 
 

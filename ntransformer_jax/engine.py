@@ -83,8 +83,7 @@ class Engine:
         self.ctx_size = int(ctx_size)
         self.device = device or jax.devices()[0]
         self._load_weights()
-        self._cache = [M.init_kv_cache(self.config, 1, self.ctx_size) for _ in range(self.config.n_layers)]
-        self._cache = jax.device_put(self._cache, self.device)
+        self._caches = self._new_caches()
         self.last_stats = GenerationStats()
 
     # -- loading ---------------------------------------------------------------------------
@@ -98,15 +97,37 @@ class Engine:
     def _vector(self, info: TensorInfo) -> jax.Array:
         return self._qtensor(info).dequantize().reshape(-1)
 
+    def _host_layer(self, i: int) -> M.LayerWeights:
+        """Layer i as numpy arrays (views of the memory map for matrices)."""
+        parts = {}
+        for short in LAYER_TENSORS:
+            info = self.model_file.layer_tensor(i, short)
+            if short.endswith("norm"):
+                parts[short] = np.asarray(M.QTensor(_to_host_array(info), info.qtype, info.shape[-1])
+                                          .dequantize()).reshape(-1)
+            else:
+                parts[short] = M.QTensor(_to_host_array(info), info.qtype, info.shape[-1])
+        return M.LayerWeights(**parts)
+
     def _load_weights(self) -> None:
         f, cfg = self.model_file, self.config
-        self.layers: list[M.LayerWeights] = []
+        # Consecutive layers with the same weight signature (types and shapes) form a segment,
+        # stacked on a leading axis and run by one lax.scan: one dispatch for all layers.
+        signature = lambda w: (jax.tree_util.tree_structure(w),
+                               tuple(np.shape(x) for x in jax.tree_util.tree_leaves(w)))
+        segments, bounds = [], []
+        run: list[M.LayerWeights] = []
         for i in range(cfg.n_layers):
-            parts = {}
-            for short in LAYER_TENSORS:
-                info = f.layer_tensor(i, short)
-                parts[short] = self._vector(info) if short.endswith("norm") else self._qtensor(info)
-            self.layers.append(M.LayerWeights(**parts))
+            w = self._host_layer(i)
+            if run and signature(w) != signature(run[0]):
+                segments.append(run)
+                run = []
+            run.append(w)
+        segments.append(run)
+        self.segments = tuple(
+            jax.device_put(jax.tree_util.tree_map(lambda *xs: np.stack(xs), *seg), self.device)
+            for seg in segments)
+        self.segment_sizes = tuple(len(seg) for seg in segments)
         embd = self._qtensor(f.tensor("token_embd.weight"))
         output = embd if cfg.tied_output else self._qtensor(f.tensor("output.weight"))
         factors = (np.asarray(_to_host_array(f.tensor("rope_freqs.weight")), np.float32).reshape(-1)
@@ -118,10 +139,25 @@ class Engine:
             rope_inv_freq=jax.device_put(M.rope_inv_freq(cfg, factors), self.device),
         )
 
+    def _new_caches(self, batch: int = 1) -> tuple[M.KVCache, ...]:
+        cfg = self.config
+        shape = lambda n: (n, batch, self.ctx_size, cfg.n_kv_head, cfg.head_dim)
+        return tuple(M.KVCache(jnp.zeros(shape(n), jnp.float32, device=self.device),
+                               jnp.zeros(shape(n), jnp.float32, device=self.device))
+                     for n in self.segment_sizes)
+
+    def layer_weights(self, i: int) -> M.LayerWeights:
+        """Layer i's weights (device arrays sliced from its segment)."""
+        for seg, n in zip(self.segments, self.segment_sizes):
+            if i < n:
+                return jax.tree_util.tree_map(lambda a: a[i], seg)
+            i -= n
+        raise IndexError(i)
+
     @property
     def weight_bytes(self) -> int:
         """Bytes of all weights as held (the GGUF encoding)."""
-        leaves = jax.tree_util.tree_leaves((self.layers, self.globals))
+        leaves = jax.tree_util.tree_leaves((self.segments, self.globals))
         return sum(int(x.size * x.dtype.itemsize) for x in leaves)
 
     # -- tokenizer ---------------------------------------------------------------------------
@@ -162,23 +198,29 @@ class Engine:
                 bucket = n
             chunk = np.zeros((1, bucket), np.int32)
             chunk[0, :n] = ids[start:start + n]
-            x = self._run_layers(jnp.asarray(chunk), pos + start)
+            last = start + n == len(ids)
+            logits, self._caches = M.prefill(
+                self.config, self.segments, self.globals, self._caches, jnp.asarray(chunk),
+                jnp.int32(pos + start), jnp.int32(n), all_logits=all_logits)
             if all_logits:
-                outputs.append(M.head(self.globals.output_norm, self.globals.output, x,
-                                      self.config.rms_eps)[0, :n])
-            elif start + n == len(ids):
-                last = x[:, n - 1:n]
-                outputs.append(M.head(self.globals.output_norm, self.globals.output, last,
-                                      self.config.rms_eps)[0])
+                outputs.append(logits[0, :n])
+            elif last:
+                outputs.append(logits)
             start += n
         return jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
 
-    def _run_layers(self, ids: jax.Array, pos: int) -> jax.Array:
-        x = M.embed(self.globals.token_embd, ids)
-        p = jnp.asarray(pos, jnp.int32)
-        for i, w in enumerate(self.layers):
-            x, self._cache[i] = M.block(self.config, w, x, self._cache[i], p, self.globals.rope_inv_freq)
-        return x
+    def logits_layerwise(self, ids: Sequence[int]) -> np.ndarray:
+        """Like `logits`, but dispatching the jitted per-layer `block` once per layer (the path a
+        streaming scheduler uses); one compiled block serves every layer of a signature."""
+        arr = self._check_ids(ids)
+        x = M.embed(self.globals.token_embd, jnp.asarray(arr)[None])
+        cfg = self.config
+        for i in range(cfg.n_layers):
+            cache = M.KVCache(*(jnp.zeros((1, len(arr), cfg.n_kv_head, cfg.head_dim), jnp.float32)
+                                for _ in range(2)))
+            x, _ = M.block(cfg, self.layer_weights(i), x, cache, jnp.int32(0), self.globals.rope_inv_freq)
+        out = M.head(self.globals.output_norm, self.globals.output, x, cfg.rms_eps)
+        return np.asarray(out[0], dtype=np.float32)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits for every position of `ids` from a fresh context: float32 [len(ids), n_vocab]."""
@@ -204,20 +246,31 @@ class Engine:
             raise InputError(f"prompt of {ids.size} tokens does not fit in ctx_size={self.ctx_size} "
                              f"(it needs at least {ids.size + 1})")
         stats = self.last_stats = GenerationStats(prompt_tokens=int(ids.size))
+        if max_new_tokens == 0:
+            stats.stop_reason = "max_new_tokens"
+            return
         key = jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
         window = max(params.repeat_last_n, 1)
         recent = np.full((1, window), -1, np.int32)
-        tail = ids[-window:] if params.repeat_last_n else ids[:0]
+        tail = ids[-params.repeat_last_n:] if params.repeat_last_n else ids[:0]
         recent[0, window - len(tail):] = tail
+        recent = jnp.asarray(recent)
 
         t0 = time.perf_counter()
         logits = self._forward(ids, 0, all_logits=False)          # [1, V]
+        key, sub = jax.random.split(key)
+        pending = sample(logits, recent, sub, params)             # [1] on device
         pos = int(ids.size)
-        t_gen = None
         stats.stop_reason = "max_new_tokens"
         for step in range(max_new_tokens):
-            key, sub = jax.random.split(key)
-            token = int(sample(logits, jnp.asarray(recent), sub, params)[0])
+            # Dispatch the next step before reading this token, so the device never waits on
+            # the host; a step dispatched past the end is discarded (its cache slot is unused).
+            more = step + 1 < max_new_tokens and pos < self.ctx_size
+            if more:
+                nxt, self._caches, key, recent = M.decode_step(
+                    self.config, params, self.segments, self.globals, self._caches, pending,
+                    jnp.int32(pos), key, recent)
+            token = int(pending[0])
             if step == 0:
                 t_gen = time.perf_counter()
                 stats.prompt_seconds = t_gen - t0
@@ -227,17 +280,12 @@ class Engine:
                 stats.stop_reason = "eog"
                 return
             yield token
-            if params.repeat_last_n:
-                recent = np.roll(recent, -1, axis=1)
-                recent[0, -1] = token
-            if step + 1 == max_new_tokens:
-                break
-            if pos >= self.ctx_size:
-                stats.stop_reason = "ctx_size"
+            if not more:
+                if step + 1 < max_new_tokens:
+                    stats.stop_reason = "ctx_size"
                 return
-            logits = self._forward(np.asarray([token], np.int32), pos, all_logits=False)
+            pending = nxt
             pos += 1
-            stats.generate_seconds = time.perf_counter() - t_gen
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,

@@ -19,6 +19,7 @@ import numpy as np
 
 from ntransformer_jax import quants
 from ntransformer_jax.model_file import LlamaConfig
+from ntransformer_jax.sampling import SamplingParams, sample
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -156,18 +157,19 @@ def attention(q: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
 # The model
 # ---------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def block(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, pos: jax.Array,
-          inv_freq: jax.Array) -> tuple[jax.Array, KVCache]:
-    """One transformer block.
+def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, pos: jax.Array,
+             inv_freq: jax.Array, layer: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """One transformer block (un-jitted; see `block` and `forward_layers`).
 
     Args:
       cfg: static model config.
       w: this layer's weights.
       x: [B, T, D] residual stream for T new tokens at positions pos .. pos+T-1.
-      cache: this layer's KV cache (donated, returned updated).
+      cache: this layer's KV cache [B, S, K, H], or, when `layer` is given, a stack of caches
+        [L, B, S, K, H] of which entry `layer` is this layer's.
       pos: int32 scalar or [B], the position of the first new token.
       inv_freq: [n_rot // 2] RoPE frequencies.
+      layer: index into a stacked cache, or None.
     Returns:
       (x [B, T, D], updated cache).
     """
@@ -182,9 +184,17 @@ def block(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, pos: 
     v = linear(h, w.attn_v).reshape(b, t, cfg.n_kv_head, cfg.head_dim)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (p, 0, 0)))
-    cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
-    attn = attention(q, cache, positions).reshape(b, t, cfg.q_dim)
+    if layer is None:
+        write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (p, 0, 0)))
+        cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
+        mine = cache
+    else:
+        write = jax.vmap(
+            lambda c, new, p: jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, p, 0, 0)),
+            in_axes=(1, 0, 0), out_axes=1)
+        cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
+        mine = KVCache(*(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache))
+    attn = attention(q, mine, positions).reshape(b, t, cfg.q_dim)
     x = x + linear(attn, w.attn_output)
 
     # Feed-forward: SwiGLU.
@@ -194,14 +204,69 @@ def block(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, pos: 
     return x, cache
 
 
-@jax.jit
+# One layer, jitted once per weight-type signature: the streaming path calls it per layer with
+# whatever arrays the scheduler hands it.
+block = jax.jit(block_fn, static_argnames=("cfg",), donate_argnames=("cache",))
+
+
+def forward_layers(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], caches: tuple[KVCache, ...],
+                   x: jax.Array, pos: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """All resident layers: each segment holds consecutive layers of one weight signature, stacked
+    on a leading axis, and runs as one `lax.scan`; its cache is stacked the same way [L, B, S, K, H]."""
+    new_caches = []
+    for seg, cache in zip(segments, caches):
+        def body(carry, inp):
+            x, cache = carry
+            w, i = inp
+            return block_fn(cfg, w, x, cache, pos, inv_freq, layer=i), None
+        n = cache.k.shape[0]
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (seg, jnp.arange(n, dtype=jnp.int32)))
+        new_caches.append(cache)
+    return x, tuple(new_caches)
+
+
 def embed(token_embd: QTensor, ids: jax.Array) -> jax.Array:
     """ids [B, T] -> [B, T, D] float32; only the looked-up rows are dequantized."""
     rows = token_embd.data[ids]
     return quants.dequantize(rows, token_embd.qtype, token_embd.n_cols)
 
 
-@functools.partial(jax.jit, static_argnames=("eps",))
 def head(output_norm: jax.Array, output: QTensor, x: jax.Array, eps: float) -> jax.Array:
     """x [B, T, D] -> logits [B, T, V] float32."""
     return linear(rms_norm(x, output_norm, eps), output)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits"), donate_argnames=("caches",))
+def prefill(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], g: GlobalWeights,
+            caches: tuple[KVCache, ...], ids: jax.Array, pos: jax.Array, n_real: jax.Array,
+            all_logits: bool) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """Run ids [B, T] (the first `n_real` real, the rest padding) from position `pos`.
+
+    Returns logits [B, T, V] when `all_logits`, else [B, V] of the last real position.
+    """
+    x = embed(g.token_embd, ids)
+    x, caches = forward_layers(cfg, segments, caches, x, pos, g.rope_inv_freq)
+    if not all_logits:
+        x = jax.lax.dynamic_index_in_dim(x, n_real - 1, axis=1, keepdims=False)
+    return head(g.output_norm, g.output, x, cfg.rms_eps), caches
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "params"), donate_argnames=("caches", "recent"))
+def decode_step(cfg: LlamaConfig, params: SamplingParams, segments: tuple[LayerWeights, ...], g: GlobalWeights,
+                caches: tuple[KVCache, ...], token: jax.Array, pos: jax.Array, key: jax.Array,
+                recent: jax.Array):
+    """One token for every sequence, sampling included, in one dispatch.
+
+    Args:
+      token: [B] int32 the last token of each sequence, at position `pos` ([B] or scalar).
+      key: PRNG key, split here.
+      recent: [B, W] recent tokens for the repetition penalty; `token` is appended.
+    Returns:
+      (next tokens [B], caches, key, recent).
+    """
+    x = embed(g.token_embd, token[:, None])
+    x, caches = forward_layers(cfg, segments, caches, x, pos, g.rope_inv_freq)
+    logits = head(g.output_norm, g.output, x[:, 0], cfg.rms_eps)
+    recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
+    key, sub = jax.random.split(key)
+    return sample(logits, recent, sub, params), caches, key, recent
