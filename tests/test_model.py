@@ -70,3 +70,16 @@ def test_logits_rejects_bad_ids(tiny_f32_path):
         engine.logits([1, engine.config.n_vocab])
     with pytest.raises(nt.NTransformerError, match="ctx_size"):
         engine.logits([1] * 17)
+
+
+def test_layerwise_block_equals_resident_scan(tiny_quantized):
+    """The per-layer jitted block (the streaming path) computes what the stacked scan computes,
+    and one compilation serves every layer of a signature."""
+    from ntransformer_jax import model as M
+    engine = nt.load(tiny_quantized("Q8_0"), ctx_size=64)
+    ids = np.random.default_rng().integers(0, engine.config.n_vocab, 24)
+    before = M.block._cache_size()
+    layerwise = engine.logits_layerwise(ids)
+    assert M.block._cache_size() - before <= len(engine.segment_sizes)
+    np.testing.assert_allclose(layerwise, engine.logits(ids), rtol=1e-4,
+                               atol=1e-4 * np.abs(layerwise).max())
