@@ -84,6 +84,7 @@ class Engine:
         self.device = device or jax.devices()[0]
         self._load_weights()
         self._caches = self._new_caches()
+        self._cached: list[int] = []
         self.last_stats = GenerationStats()
 
     # -- loading ---------------------------------------------------------------------------
@@ -157,8 +158,8 @@ class Engine:
     @property
     def weight_bytes(self) -> int:
         """Bytes of all weights as held (the GGUF encoding)."""
-        leaves = jax.tree_util.tree_leaves((self.segments, self.globals))
-        return sum(int(x.size * x.dtype.itemsize) for x in leaves)
+        leaves = {id(x): x for x in jax.tree_util.tree_leaves((self.segments, self.globals))}
+        return sum(int(x.size * x.dtype.itemsize) for x in leaves.values())
 
     # -- tokenizer ---------------------------------------------------------------------------
 
@@ -229,22 +230,42 @@ class Engine:
             return np.zeros((0, self.config.n_vocab), np.float32)
         if arr.size > self.ctx_size:
             raise InputError(f"{arr.size} tokens do not fit in ctx_size={self.ctx_size}")
-        return np.asarray(self._forward(arr, 0, all_logits=True), dtype=np.float32)
+        self._cached = []
+        out = np.asarray(self._forward(arr, 0, all_logits=True), dtype=np.float32)
+        self._cached = [int(i) for i in arr]
+        return out
 
     # -- generation ------------------------------------------------------------------------
 
+    @property
+    def cached_tokens(self) -> list[int]:
+        """Tokens whose keys/values sit in the cache, position 0 first (for prefix reuse)."""
+        return list(self._cached)
+
     def generate_tokens(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 128,
-                        params: SamplingParams = SamplingParams(), seed: int | None = None
-                        ) -> Iterator[int]:
-        """Yield new token ids after `prompt_ids`, stopping at end-of-generation, the limit or ctx_size."""
+                        params: SamplingParams = SamplingParams(), seed: int | None = None,
+                        start_pos: int = 0) -> Iterator[int]:
+        """Yield new token ids after `prompt_ids`, stopping at end-of-generation, the limit or ctx_size.
+
+        Args:
+          prompt_ids: tokens to feed, placed at positions start_pos, start_pos + 1, ...
+          max_new_tokens: most tokens to generate.
+          params: sampling settings.
+          seed: PRNG seed (None or negative: random).
+          start_pos: keep the cache entries of `cached_tokens[:start_pos]` and continue after
+            them (a chat turn appends this way); 0 starts a fresh context.
+        """
         ids = self._check_ids(prompt_ids)
         if ids.size == 0:
             raise InputError("the prompt is empty (no tokens to start from)")
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens={max_new_tokens} must be >= 0")
-        if ids.size >= self.ctx_size:
-            raise InputError(f"prompt of {ids.size} tokens does not fit in ctx_size={self.ctx_size} "
-                             f"(it needs at least {ids.size + 1})")
+        if not 0 <= start_pos <= len(self._cached):
+            raise InputError(f"start_pos={start_pos} is outside the cached context (0..{len(self._cached)})")
+        if start_pos + ids.size >= self.ctx_size:
+            raise InputError(f"prompt of {start_pos + ids.size} tokens does not fit in ctx_size={self.ctx_size} "
+                             f"(it needs at least {start_pos + ids.size + 1})")
+        del self._cached[start_pos:]
         stats = self.last_stats = GenerationStats(prompt_tokens=int(ids.size))
         if max_new_tokens == 0:
             stats.stop_reason = "max_new_tokens"
@@ -257,10 +278,11 @@ class Engine:
         recent = jnp.asarray(recent)
 
         t0 = time.perf_counter()
-        logits = self._forward(ids, 0, all_logits=False)          # [1, V]
+        logits = self._forward(ids, start_pos, all_logits=False)  # [1, V]
+        self._cached.extend(int(i) for i in ids)
         key, sub = jax.random.split(key)
         pending = sample(logits, recent, sub, params)             # [1] on device
-        pos = int(ids.size)
+        pos = start_pos + int(ids.size)
         stats.stop_reason = "max_new_tokens"
         for step in range(max_new_tokens):
             # Dispatch the next step before reading this token, so the device never waits on
@@ -285,6 +307,7 @@ class Engine:
                     stats.stop_reason = "ctx_size"
                 return
             pending = nxt
+            self._cached.append(token)
             pos += 1
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,

@@ -83,3 +83,18 @@ def test_layerwise_block_equals_resident_scan(tiny_quantized):
     assert M.block._cache_size() - before <= len(engine.segment_sizes)
     np.testing.assert_allclose(layerwise, engine.logits(ids), rtol=1e-4,
                                atol=1e-4 * np.abs(layerwise).max())
+
+
+def test_continuing_from_cache_equals_fresh_run(tiny_f32_path):
+    """Appending a turn at start_pos (what chat does) gives what a fresh run of the whole text gives."""
+    engine = nt.load(tiny_f32_path, ctx_size=96)
+    rng = np.random.default_rng()
+    first = rng.integers(3, engine.config.n_vocab, 12).tolist()
+    second = rng.integers(3, engine.config.n_vocab, 7).tolist()
+    greedy = nt.SamplingParams(temperature=0)
+    reply = list(engine.generate_tokens(first, max_new_tokens=5, params=greedy))
+    kept = engine.cached_tokens
+    assert kept == (first + reply)[:len(kept)] and len(kept) >= len(first) + len(reply) - 1
+    cont = list(engine.generate_tokens(second, max_new_tokens=6, params=greedy, start_pos=len(kept)))
+    fresh = list(engine.generate_tokens(kept + second, max_new_tokens=6, params=greedy))
+    assert cont == fresh
