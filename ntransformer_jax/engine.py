@@ -12,17 +12,21 @@ import dataclasses
 import os
 import secrets
 import time
-from typing import Iterable, Iterator, Sequence
+import functools
+from typing import Callable, Iterator, Sequence
 
 import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from ntransformer_jax import model as M
-from ntransformer_jax.errors import InputError, NTransformerError
+from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError
 from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, TensorInfo
 from ntransformer_jax.sampling import SamplingParams, sample
+from ntransformer_jax.tiers import (ALIGN, LayerSource, Streamer, TierOptions, available_ram,
+                                    free_device_memory, open_reader, plan_placement)
 from ntransformer_jax.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -68,20 +72,58 @@ def _to_host_array(info: TensorInfo) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
+def _layer_from_arrays(parts: dict) -> M.LayerWeights:
+    """LayerWeights from {short name: (TensorInfo, host array)}; norms become float32 vectors."""
+    out = {}
+    for short, (info, arr) in parts.items():
+        if short.endswith("norm"):
+            out[short] = np.asarray(arr, dtype=np.float32).reshape(-1) if info.qtype in _FLOAT_DTYPES \
+                else np.asarray(M.QTensor(arr, info.qtype, info.shape[-1]).dequantize()).reshape(-1)
+        else:
+            out[short] = M.QTensor(arr, info.qtype, info.shape[-1])
+    return M.LayerWeights(**out)
+
+
+def _layer_span(f: ModelFile, i: int) -> tuple[int, int]:
+    """(offset, length) of the smallest ALIGN-aligned file range holding layer i's tensors."""
+    infos = [f.layer_tensor(i, s) for s in LAYER_TENSORS]
+    start = min(t.offset for t in infos) // ALIGN * ALIGN
+    end = max(t.offset + t.n_bytes for t in infos)
+    end = min(-(-end // ALIGN) * ALIGN, f.file_size)
+    return start, end - start
+
+
+def _layer_from_staging(f: ModelFile, i: int, span_start: int, buf: np.ndarray) -> M.LayerWeights:
+    """Layer i as numpy views into a staging buffer holding the file from `span_start`."""
+    parts = {}
+    for short in LAYER_TENSORS:
+        info = f.layer_tensor(i, short)
+        raw = buf[info.offset - span_start: info.offset - span_start + info.n_bytes]
+        parts[short] = (info, _to_host_array(dataclasses.replace(info, data=raw)))
+    return _layer_from_arrays(parts)
+
+
 class Engine:
     """A model ready to run. Create with `ntransformer_jax.load`."""
 
     def __init__(self, model_file: ModelFile, *, ctx_size: int | None = None,
-                 device: jax.Device | None = None, progress: Iterable | None = None):
+                 device: jax.Device | None = None, tier_options: TierOptions | None = None,
+                 progress: Callable[[int, int], None] | None = None):
         self.model_file = model_file
         self.config: LlamaConfig = model_file.config
-        self.tokenizer = Tokenizer.from_metadata(model_file.metadata)
+        try:
+            self.tokenizer = Tokenizer.from_metadata(model_file.metadata)
+        except ModelFileError as e:   # name the file, as the model file's own errors do
+            raise ModelFileError(f"{os.path.basename(model_file.path)}: {e}") from None
         if ctx_size is None or ctx_size == 0:
             ctx_size = min(self.config.ctx_train, DEFAULT_CTX)
         if ctx_size < 1:
             raise InputError(f"ctx_size={ctx_size} must be positive")
         self.ctx_size = int(ctx_size)
         self.device = device or jax.devices()[0]
+        self.tier_options = tier_options or TierOptions()
+        self._progress = progress
+        self.streamer: Streamer | None = None
         self._load_weights()
         self._caches = self._new_caches()
         self._cached: list[int] = []
@@ -100,35 +142,68 @@ class Engine:
 
     def _host_layer(self, i: int) -> M.LayerWeights:
         """Layer i as numpy arrays (views of the memory map for matrices)."""
-        parts = {}
-        for short in LAYER_TENSORS:
-            info = self.model_file.layer_tensor(i, short)
-            if short.endswith("norm"):
-                parts[short] = np.asarray(M.QTensor(_to_host_array(info), info.qtype, info.shape[-1])
-                                          .dequantize()).reshape(-1)
-            else:
-                parts[short] = M.QTensor(_to_host_array(info), info.qtype, info.shape[-1])
-        return M.LayerWeights(**parts)
+        return _layer_from_arrays({short: (self.model_file.layer_tensor(i, short),
+                                           _to_host_array(self.model_file.layer_tensor(i, short)))
+                                   for short in LAYER_TENSORS})
+
+    def _layer_nbytes(self, i: int) -> int:
+        return sum(self.model_file.layer_tensor(i, s).n_bytes for s in LAYER_TENSORS)
+
+    def _device_working_set(self) -> dict:
+        """Device bytes needed besides the layers: KV cache, globals, compute workspace."""
+        cfg, f = self.config, self.model_file
+        cache = 2 * cfg.n_layers * self.ctx_size * cfg.kv_dim * 4
+        glob = f.tensor("token_embd.weight").n_bytes + f.tensor("output_norm.weight").n_bytes
+        if not cfg.tied_output:
+            glob += f.tensor("output.weight").n_bytes
+        # The XLA path dequantizes a matrix to float32 before its matmul: room for two of the
+        # largest, plus prefill activations and logits of one chunk.
+        biggest = max(cfg.n_ff * cfg.n_embd, cfg.n_vocab * cfg.n_embd)
+        chunk = MAX_PREFILL_CHUNK
+        acts = chunk * (3 * cfg.n_ff + 4 * cfg.n_embd + cfg.n_vocab) * 4 + chunk * chunk * cfg.n_head * 4
+        return {"kv_cache": cache, "globals": glob, "workspace": 2 * biggest * 4 + acts}
 
     def _load_weights(self) -> None:
-        f, cfg = self.model_file, self.config
-        # Consecutive layers with the same weight signature (types and shapes) form a segment,
-        # stacked on a leading axis and run by one lax.scan: one dispatch for all layers.
-        signature = lambda w: (jax.tree_util.tree_structure(w),
-                               tuple(np.shape(x) for x in jax.tree_util.tree_leaves(w)))
-        segments, bounds = [], []
-        run: list[M.LayerWeights] = []
-        for i in range(cfg.n_layers):
-            w = self._host_layer(i)
-            if run and signature(w) != signature(run[0]):
-                segments.append(run)
-                run = []
-            run.append(w)
-        segments.append(run)
-        self.segments = tuple(
-            jax.device_put(jax.tree_util.tree_map(lambda *xs: np.stack(xs), *seg), self.device)
-            for seg in segments)
-        self.segment_sizes = tuple(len(seg) for seg in segments)
+        f, cfg, opts = self.model_file, self.config, self.tier_options
+        layer_bytes = [self._layer_nbytes(i) for i in range(cfg.n_layers)]
+        spans = [_layer_span(f, i) for i in range(cfg.n_layers)]
+        staging = max(length for _, length in spans) + 2 * ALIGN
+        self.plan = plan_placement(layer_bytes, self._device_working_set(), staging, opts,
+                                   free_device_memory(self.device), available_ram(),
+                                   slot_bytes=max(layer_bytes))
+        if opts.streaming == "mmap":
+            # The naive baseline: no host tier, every non-resident layer read from the map on use.
+            self.plan = dataclasses.replace(
+                self.plan, tiers=tuple("vram" if t == "vram" else "disk" for t in self.plan.tiers),
+                host_working_set={})
+        self.placement = list(self.plan.tiers)
+        self.layered = opts.tiered or opts.streaming == "mmap" or any(t != "vram" for t in self.placement)
+        total = sum(layer_bytes)
+        done = 0
+        if not self.layered:
+            self._load_resident_segments(layer_bytes)
+        else:
+            self.resident: dict[int, M.LayerWeights] = {}
+            sources: dict[int, LayerSource] = {}
+            pinned = SingleDeviceSharding(self.device, memory_kind="pinned_host")
+            for i, tier in enumerate(self.placement):
+                if tier == "vram":
+                    self.resident[i] = jax.device_put(self._host_layer(i), self.device)
+                elif tier == "ram":
+                    sources[i] = LayerSource("ram", host_tree=jax.device_put(self._host_layer(i), pinned),
+                                             n_bytes=layer_bytes[i])
+                elif opts.streaming == "mmap":
+                    sources[i] = LayerSource("mmap", build=functools.partial(self._host_layer, i),
+                                             n_bytes=layer_bytes[i])
+                else:
+                    sources[i] = LayerSource("disk", span=spans[i], n_bytes=layer_bytes[i],
+                                             build=functools.partial(_layer_from_staging, f, i, spans[i][0]))
+                done += layer_bytes[i]
+                if self._progress:
+                    self._progress(done, total)
+            needs_reader = any(s.tier == "disk" for s in sources.values())
+            reader = open_reader(f.path, opts) if needs_reader else None
+            self.streamer = Streamer(sources, cfg.n_layers, self.device, opts, reader, staging)
         embd = self._qtensor(f.tensor("token_embd.weight"))
         output = embd if cfg.tied_output else self._qtensor(f.tensor("output.weight"))
         factors = (np.asarray(_to_host_array(f.tensor("rope_freqs.weight")), np.float32).reshape(-1)
@@ -140,20 +215,62 @@ class Engine:
             rope_inv_freq=jax.device_put(M.rope_inv_freq(cfg, factors), self.device),
         )
 
-    def _new_caches(self, batch: int = 1) -> tuple[M.KVCache, ...]:
+    def _load_resident_segments(self, layer_bytes: list[int]) -> None:
+        # Consecutive layers with the same weight signature (types and shapes) form a segment,
+        # stacked on a leading axis and run by one lax.scan: one dispatch for all layers.
+        signature = lambda w: (jax.tree_util.tree_structure(w),
+                               tuple(np.shape(x) for x in jax.tree_util.tree_leaves(w)))
+        segments: list[list[M.LayerWeights]] = []
+        run: list[M.LayerWeights] = []
+        total, done = sum(layer_bytes), 0
+        for i in range(self.config.n_layers):
+            w = self._host_layer(i)
+            if run and signature(w) != signature(run[0]):
+                segments.append(run)
+                run = []
+            run.append(w)
+            done += layer_bytes[i]
+            if self._progress:
+                self._progress(done, total)
+        segments.append(run)
+        self.segments = tuple(
+            jax.device_put(jax.tree_util.tree_map(lambda *xs: np.stack(xs), *seg), self.device)
+            for seg in segments)
+        self.segment_sizes = tuple(len(seg) for seg in segments)
+
+    def _new_caches(self, batch: int = 1):
         cfg = self.config
-        shape = lambda n: (n, batch, self.ctx_size, cfg.n_kv_head, cfg.head_dim)
-        return tuple(M.KVCache(jnp.zeros(shape(n), jnp.float32, device=self.device),
-                               jnp.zeros(shape(n), jnp.float32, device=self.device))
-                     for n in self.segment_sizes)
+        zeros = lambda *lead: jnp.zeros((*lead, batch, self.ctx_size, cfg.n_kv_head, cfg.head_dim),
+                                        jnp.float32, device=self.device)
+        if self.layered:
+            return [M.KVCache(zeros(), zeros()) for _ in range(cfg.n_layers)]
+        return tuple(M.KVCache(zeros(n), zeros(n)) for n in self.segment_sizes)
 
     def layer_weights(self, i: int) -> M.LayerWeights:
-        """Layer i's weights (device arrays sliced from its segment)."""
+        """Layer i's weights on the device (for streamed layers: a fresh copy)."""
+        if self.layered:
+            if i in self.resident:
+                return self.resident[i]
+            src = self.streamer.sources[i]
+            tree = src.host_tree if src.tier == "ram" else self._host_layer(i)
+            return jax.device_put(tree, self.device)
         for seg, n in zip(self.segments, self.segment_sizes):
             if i < n:
                 return jax.tree_util.tree_map(lambda a: a[i], seg)
             i -= n
         raise IndexError(i)
+
+    def close(self) -> None:
+        """Stop the streaming threads and release the file."""
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def weight_bytes(self) -> int:
@@ -200,15 +317,51 @@ class Engine:
             chunk = np.zeros((1, bucket), np.int32)
             chunk[0, :n] = ids[start:start + n]
             last = start + n == len(ids)
-            logits, self._caches = M.prefill(
-                self.config, self.segments, self.globals, self._caches, jnp.asarray(chunk),
-                jnp.int32(pos + start), jnp.int32(n), all_logits=all_logits)
+            logits = self._prefill(jnp.asarray(chunk), pos + start, n, all_logits)
             if all_logits:
                 outputs.append(logits[0, :n])
             elif last:
                 outputs.append(logits)
             start += n
         return jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
+
+    def _prefill(self, chunk: jax.Array, pos: int, n: int, all_logits: bool) -> jax.Array:
+        """One padded chunk [1, T] from `pos`: logits [1, T, V] or [1, V] of token n-1."""
+        if not self.layered:
+            logits, self._caches = M.prefill(self.config, self.segments, self.globals, self._caches,
+                                             chunk, jnp.int32(pos), jnp.int32(n), all_logits=all_logits)
+            return logits
+        x = self._run_layered(M.embed_jit(self.globals.token_embd, chunk), pos)
+        if not all_logits:
+            x = x[:, n - 1]
+        return M.head_jit(self.globals.output_norm, self.globals.output, x, self.config.rms_eps)
+
+    def _run_layered(self, x: jax.Array, pos: int) -> jax.Array:
+        """Every layer through the jitted per-layer block; streamed layers come from the
+        scheduler, which keeps the next `prefetch_depth` of them in flight."""
+        p = jnp.int32(pos)
+        inv_freq = self.globals.rope_inv_freq
+        for i in range(self.config.n_layers):
+            streamed = i not in self.resident
+            w = self.streamer.take(i) if streamed else self.resident[i]
+            # Issue upcoming copies before this layer's compute, so they run beside it.
+            self.streamer.prefetch_from(i + 1)
+            x, self._caches[i] = M.block(self.config, w, x, self._caches[i], p, inv_freq)
+            if streamed:
+                self.streamer.computed(x)
+        return x
+
+    def _decode(self, params: SamplingParams, token: jax.Array, pos: int, key: jax.Array,
+                recent: jax.Array):
+        """One decode step: (next token [1], key, recent)."""
+        if not self.layered:
+            nxt, self._caches, key, recent = M.decode_step(
+                self.config, params, self.segments, self.globals, self._caches, token,
+                jnp.int32(pos), key, recent)
+            return nxt, key, recent
+        x = self._run_layered(M.embed_jit(self.globals.token_embd, token[:, None]), pos)
+        return M.head_sample(self.config.rms_eps, params, self.globals.output_norm,
+                             self.globals.output, x[:, 0], key, token, recent)
 
     def logits_layerwise(self, ids: Sequence[int]) -> np.ndarray:
         """Like `logits`, but dispatching the jitted per-layer `block` once per layer (the path a
@@ -289,9 +442,7 @@ class Engine:
             # the host; a step dispatched past the end is discarded (its cache slot is unused).
             more = step + 1 < max_new_tokens and pos < self.ctx_size
             if more:
-                nxt, self._caches, key, recent = M.decode_step(
-                    self.config, params, self.segments, self.globals, self._caches, pending,
-                    jnp.int32(pos), key, recent)
+                nxt, key, recent = self._decode(params, pending, pos, key, recent)
             token = int(pending[0])
             if step == 0:
                 t_gen = time.perf_counter()
@@ -333,32 +484,49 @@ class Engine:
         if rest:
             yield rest
 
+    def chat(self, messages: Sequence[dict[str, str]], *, chat_template: str | None = None,
+             **sampling) -> Iterator[str]:
+        """Stream the assistant's reply to `messages`, rendered with the model's chat template.
 
-_TIER_OPTIONS = ("vram_budget_gb", "ram_budget_gb", "max_vram_layers", "max_ram_layers", "streaming")
+        Args:
+          messages: dicts with "role" and "content", e.g. [{"role": "user", "content": "Hi"}].
+          chat_template: template text or file path overriding the model's `tokenizer.chat_template`.
+          **sampling: max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+            repeat_last_n, seed (as for `generate`).
+        Raises:
+          InputError: no chat template, bad messages, or the prompt does not fit in ctx_size.
+        For a multi-turn conversation that reuses the KV cache, see `chat.ChatSession`.
+        """
+        from ntransformer_jax import chat
+        return chat.complete(self, messages, template=chat_template, **sampling)
 
 
-def load(path: str | os.PathLike[str], *, ctx_size: int | None = None, **tier_options) -> Engine:
+_TIER_OPTIONS = {f.name for f in dataclasses.fields(TierOptions)}
+
+
+def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
+         progress: Callable[[int, int], None] | None = None, **tier_options) -> Engine:
     """Open a GGUF Llama model and place its weights.
 
     Args:
       path: the .gguf file.
       ctx_size: context length (KV cache size); default min(training context, 4096).
-      **tier_options: weight placement options of the tiered store.
+      progress: called as progress(bytes_placed, bytes_total) while layers are placed.
+      **tier_options: `TierOptions` fields: vram_budget_gb, ram_budget_gb, max_vram_layers,
+        max_ram_layers, streaming ("pipeline" | "mmap"), prefetch_depth, reader, o_direct,
+        read_threads. With none given, layers stay in device memory when they fit.
     Returns:
-      An `Engine`.
+      An `Engine`; `engine.placement` tells where each layer went.
     Raises:
       NTransformerError: the file or an option is unusable (message names it).
     """
-    unknown = sorted(set(tier_options) - set(_TIER_OPTIONS))
+    unknown = sorted(set(tier_options) - _TIER_OPTIONS)
     if unknown:
         raise InputError(f"unknown load option {unknown[0]!r}")
-    given = {k: v for k, v in tier_options.items() if v is not None}
-    if given:
-        raise InputError(f"load option {next(iter(given))!r}: tiered placement is not available in "
-                         "this version; all layers are placed in device memory")
+    options = TierOptions(**{k: v for k, v in tier_options.items() if v is not None})
     model_file = ModelFile(path)
     try:
-        return Engine(model_file, ctx_size=ctx_size)
+        return Engine(model_file, ctx_size=ctx_size, tier_options=options, progress=progress)
     except NTransformerError:
         model_file.close()
         raise

@@ -270,3 +270,17 @@ def decode_step(cfg: LlamaConfig, params: SamplingParams, segments: tuple[LayerW
     recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
     key, sub = jax.random.split(key)
     return sample(logits, recent, sub, params), caches, key, recent
+
+
+embed_jit = jax.jit(embed)
+head_jit = jax.jit(head, static_argnames=("eps",))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "params"), donate_argnames=("recent",))
+def head_sample(eps: float, params: SamplingParams, output_norm: jax.Array, output: QTensor,
+                x: jax.Array, key: jax.Array, token: jax.Array, recent: jax.Array):
+    """Logits of x [B, D] and the next token, as in `decode_step` (for the layered path)."""
+    logits = head(output_norm, output, x, eps)
+    recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
+    key, sub = jax.random.split(key)
+    return sample(logits, recent, sub, params), key, recent
