@@ -49,6 +49,25 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generate_seconds: float = 0.0
     stop_reason: str = ""   # "eog", "max_new_tokens" or "ctx_size"
+    # Streaming during decode (layered path), summed over the decode steps.
+    wait_copy_s: float = 0.0
+    wait_disk_s: float = 0.0
+    bytes_ram: int = 0
+    bytes_disk: int = 0
+    disk_read_s: float = 0.0
+
+    def per_token(self) -> dict:
+        """Decode figures per generated token: seconds computing / waiting, bytes per tier, GB/s."""
+        n = max(self.generated_tokens - 1, 0)
+        if n == 0 or not self.generate_seconds:
+            return {}
+        t = self.generate_seconds / n
+        wc, wd = self.wait_copy_s / n, self.wait_disk_s / n
+        return {
+            "token_s": t, "compute_s": max(t - wc - wd, 0.0), "wait_copy_s": wc, "wait_disk_s": wd,
+            "bytes_ram": self.bytes_ram / n, "bytes_disk": self.bytes_disk / n,
+            "ram_gbps": self.bytes_ram / n / t / 1e9, "disk_gbps": self.bytes_disk / n / t / 1e9,
+        }
 
     @property
     def prompt_tok_per_s(self) -> float:
@@ -156,9 +175,9 @@ class Engine:
         glob = f.tensor("token_embd.weight").n_bytes + f.tensor("output_norm.weight").n_bytes
         if not cfg.tied_output:
             glob += f.tensor("output.weight").n_bytes
-        # The XLA path dequantizes a matrix to float32 before its matmul: room for two of the
-        # largest, plus prefill activations and logits of one chunk.
-        biggest = max(cfg.n_ff * cfg.n_embd, cfg.n_vocab * cfg.n_embd)
+        # The XLA path dequantizes a matrix (or a row chunk of a big one) to float32 before its
+        # matmul: room for two of those, plus prefill activations and logits of one chunk.
+        biggest = min(max(cfg.n_ff * cfg.n_embd, cfg.n_vocab * cfg.n_embd), M.LINEAR_CHUNK_ELEMS)
         chunk = MAX_PREFILL_CHUNK
         acts = chunk * (3 * cfg.n_ff + 4 * cfg.n_embd + cfg.n_vocab) * 4 + chunk * chunk * cfg.n_head * 4
         return {"kv_cache": cache, "globals": glob, "workspace": 2 * biggest * 4 + acts}
@@ -447,8 +466,14 @@ class Engine:
             if step == 0:
                 t_gen = time.perf_counter()
                 stats.prompt_seconds = t_gen - t0
+                s0 = dataclasses.replace(self.streamer.stats) if self.streamer else None
             stats.generated_tokens += 1
             stats.generate_seconds = time.perf_counter() - t_gen
+            if s0 is not None:
+                s1 = self.streamer.stats
+                stats.wait_copy_s, stats.wait_disk_s = s1.wait_copy_s - s0.wait_copy_s, s1.wait_disk_s - s0.wait_disk_s
+                stats.bytes_ram, stats.bytes_disk = s1.bytes_ram - s0.bytes_ram, s1.bytes_disk - s0.bytes_disk
+                stats.disk_read_s = s1.disk_read_s - s0.disk_read_s
             if self.tokenizer.is_eog(token):
                 stats.stop_reason = "eog"
                 return

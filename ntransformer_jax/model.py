@@ -108,9 +108,28 @@ def rope_inv_freq(cfg: LlamaConfig, freq_factors: np.ndarray | None) -> np.ndarr
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 
+# Matrices with more elements than this are dequantized and multiplied in row chunks, so the
+# float32 copy XLA materializes stays small (the output head of a 128k vocabulary is 4 GB in f32).
+LINEAR_CHUNK_ELEMS = 1 << 26
+
+
+def _n_chunks(rows: int, cols: int) -> int:
+    n = 1
+    while rows * cols // n > LINEAR_CHUNK_ELEMS and rows % (2 * n) == 0:
+        n *= 2
+    return n
+
+
 def linear(x: jax.Array, w: QTensor) -> jax.Array:
     """x [..., in] @ w.T -> [..., out], float32 accumulation."""
-    return jnp.einsum("...i,oi->...o", x, w.dequantize(), precision=HIGHEST)
+    rows, cols = w.shape
+    n = _n_chunks(rows, cols)
+    if n == 1:
+        return jnp.einsum("...i,oi->...o", x, w.dequantize(), precision=HIGHEST)
+    parts = w.data.reshape(n, rows // n, *w.data.shape[1:])
+    out = jax.lax.map(lambda d: jnp.einsum("...i,oi->...o", x, QTensor(d, w.qtype, cols).dequantize(),
+                                           precision=HIGHEST), parts)          # [n, ..., rows/n]
+    return jnp.moveaxis(out, 0, -2).reshape(*x.shape[:-1], rows)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

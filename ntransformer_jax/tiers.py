@@ -117,7 +117,7 @@ class Plan:
         return self.bytes_in("ram") + sum(self.host_working_set.values())
 
     def summary(self) -> str:
-        g = lambda b: f"{b / 1e9:.2f} GB"
+        g = lambda b: "unlimited" if b >= 1 << 61 else f"{b / 1e9:.2f} GB"
         return (f"{self.count('vram')} layers in VRAM ({g(self.bytes_in('vram'))}), "
                 f"{self.count('ram')} in RAM ({g(self.bytes_in('ram'))}), "
                 f"{self.count('disk')} on disk ({g(self.bytes_in('disk'))}); device total "

@@ -1,0 +1,135 @@
+"""Tiered streaming on the GPU machine: a synthetic 70B file, tok/s against the PCIe roofline.
+
+    python benchmarks/tiers_bench.py --shape 70b --quant Q4_0 --vram_budget_gb 24 --out $OUT
+
+Writes the synthetic model (unless --model is given), measures the ceilings in the same run
+(pinned host -> device copy, HBM read), then decodes with the prefetching pipeline and with the
+`--streaming=mmap` baseline at the same budgets. Prints a short table last and writes JSON.
+Disk figures here are warm (the file was just written and sits in the page cache) unless
+--drop_caches is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.sharding import SingleDeviceSharding
+
+import ntransformer_jax as nt
+from ntransformer_jax import synth
+
+flags.DEFINE_string("model", None, "Existing GGUF file (else a synthetic one is written).")
+flags.DEFINE_string("shape", "70b", "Synthetic shape.")
+flags.DEFINE_string("quant", "Q4_0", "Synthetic quantization.")
+flags.DEFINE_string("workdir", "/root/models", "Where the synthetic file goes.")
+flags.DEFINE_list("vram_budget_gb", ["24"], "VRAM budgets to run.")
+flags.DEFINE_float("ram_budget_gb", None, "RAM budget (default: available).")
+flags.DEFINE_integer("n_decode", 8, "Tokens to decode per run.")
+flags.DEFINE_integer("n_mmap", 3, "Tokens to decode in the mmap baseline (0 = skip).")
+flags.DEFINE_integer("ctx_size", 512, "Context size.")
+flags.DEFINE_boolean("drop_caches", False, "Drop the page cache before each run (cold disk).")
+flags.DEFINE_string("out", None, "Folder for JSON.")
+FLAGS = flags.FLAGS
+
+
+def h2d_gbps(n_bytes: int = 2 << 30) -> float:
+    dev = jax.devices()[0]
+    host = jax.device_put(np.ones(n_bytes, np.uint8), SingleDeviceSharding(dev, memory_kind="pinned_host"))
+    jax.block_until_ready(host)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(jax.device_put(host, SingleDeviceSharding(dev, memory_kind="device")))
+        times.append(time.perf_counter() - t)
+    return n_bytes / statistics.median(times) / 1e9
+
+
+def hbm_gbps(n_bytes: int = 4 << 30) -> float:
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return n_bytes / statistics.median(times) / 1e9
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def run(path: str, n_tokens: int, **opts) -> dict:
+    if FLAGS.drop_caches:
+        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    t = time.perf_counter()
+    engine = nt.load(path, ctx_size=FLAGS.ctx_size, ram_budget_gb=FLAGS.ram_budget_gb, **opts)
+    load_s = time.perf_counter() - t
+    prompt = list(range(10, 18))
+    params = nt.SamplingParams(temperature=0)
+    list(engine.generate_tokens(prompt, max_new_tokens=2, params=params))      # compile
+    list(engine.generate_tokens(prompt, max_new_tokens=n_tokens + 1, params=params))
+    st = engine.last_stats
+    stats = engine.device.memory_stats() or {}
+    res = dict(opts=opts, load_s=load_s, placement="".join(t[0] for t in engine.placement),
+               plan=engine.plan.summary(), tok_per_s=st.generate_tok_per_s, per_token=st.per_token(),
+               device_peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9, host_maxrss_gb=rss_gb(),
+               bytes_streamed_per_token=engine.plan.bytes_in("ram") + engine.plan.bytes_in("disk"))
+    engine.close()
+    del engine
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main(argv):
+    del argv
+    dev = jax.devices()[0]
+    res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=dev.device_kind)
+    res["h2d_gbps"] = h2d_gbps()
+    res["hbm_gbps"] = hbm_gbps()
+    print(json.dumps(res), flush=True)
+    path = FLAGS.model
+    if path is None:
+        os.makedirs(FLAGS.workdir, exist_ok=True)
+        path = os.path.join(FLAGS.workdir, f"synth-{FLAGS.shape}-{FLAGS.quant}.gguf")
+        if not os.path.exists(path):
+            t = time.perf_counter()
+            synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], FLAGS.quant, seed=0)
+            res["write_s"] = time.perf_counter() - t
+    res["file_gb"] = os.path.getsize(path) / 1e9
+    res["runs"] = []
+    for budget in FLAGS.vram_budget_gb:
+        r = run(path, FLAGS.n_decode, vram_budget_gb=float(budget))
+        r["roofline_tok_per_s"] = res["h2d_gbps"] * 1e9 / max(r["bytes_streamed_per_token"], 1)
+        r["ratio"] = r["tok_per_s"] / r["roofline_tok_per_s"]
+        res["runs"].append(r)
+        if FLAGS.n_mmap:
+            m = run(path, FLAGS.n_mmap, vram_budget_gb=float(budget), streaming="mmap")
+            m["speedup_of_pipeline"] = r["tok_per_s"] / max(m["tok_per_s"], 1e-9)
+            res["runs"].append(m)
+    if FLAGS.out:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        with open(os.path.join(FLAGS.out, "tiers_bench.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    print(f"\n{res['card']} jax {res['jax']} H2D {res['h2d_gbps']:.1f} GB/s HBM {res['hbm_gbps']:.0f} GB/s "
+          f"file {res['file_gb']:.1f} GB")
+    for r in res["runs"]:
+        p = r["per_token"]
+        print(f"{r['opts']} {r['tok_per_s']:.3f} tok/s roofline {r.get('roofline_tok_per_s', 0):.2f} "
+              f"wait_copy {p.get('wait_copy_s', 0) * 1e3:.0f} ms wait_disk {p.get('wait_disk_s', 0) * 1e3:.0f} ms "
+              f"peak {r['device_peak_gb']:.1f} GB rss {r['host_maxrss_gb']:.1f} GB {r['plan']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
