@@ -38,6 +38,9 @@ flags.DEFINE_integer("n_decode", 8, "Tokens to decode per run.")
 flags.DEFINE_integer("n_mmap", 3, "Tokens to decode in the mmap baseline (0 = skip).")
 flags.DEFINE_integer("ctx_size", 512, "Context size.")
 flags.DEFINE_boolean("drop_caches", False, "Drop the page cache before each run (cold disk).")
+flags.DEFINE_float("disk_ram_budget_gb", 4.0, "RAM budget of the disk-tier run (0 = skip it).")
+flags.DEFINE_integer("n_disk", 3, "Tokens to decode in the disk-tier run.")
+flags.DEFINE_list("then_quants", [], "After the first model, delete it and run these quants too (same shape).")
 flags.DEFINE_string("out", None, "Folder for JSON.")
 FLAGS = flags.FLAGS
 
@@ -66,24 +69,50 @@ def hbm_gbps(n_bytes: int = 4 << 30) -> float:
     return n_bytes / statistics.median(times) / 1e9
 
 
+def drop_caches() -> None:
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+
+
+def cold_read_gbps(path: str, n_bytes: int = 8 << 30, threads: int = 8) -> float:
+    """O_DIRECT reads of 16 MiB on `threads` threads after dropping the page cache."""
+    from ntransformer_jax.tiers import PosixReader, alloc_staging
+    drop_caches()
+    n_bytes = min(n_bytes, os.path.getsize(path) // 4096 * 4096)
+    buf = alloc_staging(n_bytes)
+    reader = PosixReader(path, threads, o_direct=True)
+    t = time.perf_counter()
+    reader.read_into(buf, 0)
+    dt = time.perf_counter() - t
+    reader.close()
+    return n_bytes / dt / 1e9
+
+
 def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def run(path: str, n_tokens: int, **opts) -> dict:
+def run(path: str, n_tokens: int, cold_each_token: bool = False, **opts) -> dict:
     if FLAGS.drop_caches:
-        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+        drop_caches()
+    opts.setdefault("ram_budget_gb", FLAGS.ram_budget_gb)
     t = time.perf_counter()
-    engine = nt.load(path, ctx_size=FLAGS.ctx_size, ram_budget_gb=FLAGS.ram_budget_gb, **opts)
+    engine = nt.load(path, ctx_size=FLAGS.ctx_size, **opts)
     load_s = time.perf_counter() - t
     prompt = list(range(10, 18))
     params = nt.SamplingParams(temperature=0)
     list(engine.generate_tokens(prompt, max_new_tokens=2, params=params))      # compile
-    list(engine.generate_tokens(prompt, max_new_tokens=n_tokens + 1, params=params))
+    token_times = []
+    t = time.perf_counter()
+    for _ in engine.generate_tokens(prompt, max_new_tokens=n_tokens + 1, params=params):
+        token_times.append(time.perf_counter() - t)
+        if cold_each_token:
+            drop_caches()          # the mmap baseline from a cold disk: no page cache help
+        t = time.perf_counter()
     st = engine.last_stats
     stats = engine.device.memory_stats() or {}
     res = dict(opts=opts, load_s=load_s, placement="".join(t[0] for t in engine.placement),
                plan=engine.plan.summary(), tok_per_s=st.generate_tok_per_s, per_token=st.per_token(),
+               token_times=token_times,
                device_peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9, host_maxrss_gb=rss_gb(),
                bytes_streamed_per_token=engine.plan.bytes_in("ram") + engine.plan.bytes_in("disk"))
     engine.close()
@@ -108,25 +137,54 @@ def main(argv):
             synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], FLAGS.quant, seed=0)
             res["write_s"] = time.perf_counter() - t
     res["file_gb"] = os.path.getsize(path) / 1e9
+    res["cold_read_gbps"] = cold_read_gbps(path)
+    print(json.dumps(res), flush=True)
     res["runs"] = []
-    for budget in FLAGS.vram_budget_gb:
-        r = run(path, FLAGS.n_decode, vram_budget_gb=float(budget))
-        r["roofline_tok_per_s"] = res["h2d_gbps"] * 1e9 / max(r["bytes_streamed_per_token"], 1)
-        r["ratio"] = r["tok_per_s"] / r["roofline_tok_per_s"]
-        res["runs"].append(r)
-        if FLAGS.n_mmap:
-            m = run(path, FLAGS.n_mmap, vram_budget_gb=float(budget), streaming="mmap")
-            m["speedup_of_pipeline"] = r["tok_per_s"] / max(m["tok_per_s"], 1e-9)
-            res["runs"].append(m)
-    if FLAGS.out:
-        os.makedirs(FLAGS.out, exist_ok=True)
-        with open(os.path.join(FLAGS.out, "tiers_bench.json"), "w") as f:
-            json.dump(res, f, indent=1)
+
+    def save():
+        if FLAGS.out:
+            os.makedirs(FLAGS.out, exist_ok=True)
+            with open(os.path.join(FLAGS.out, "tiers_bench.json"), "w") as f:
+                json.dump(res, f, indent=1)
+
+    for quant in [FLAGS.quant] + list(FLAGS.then_quants):
+        if quant != FLAGS.quant:
+            os.remove(path)
+            path = os.path.join(FLAGS.workdir, f"synth-{FLAGS.shape}-{quant}.gguf")
+            t = time.perf_counter()
+            synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], quant, seed=0)
+            res[f"write_s_{quant}"] = time.perf_counter() - t
+        for budget in FLAGS.vram_budget_gb:
+            r = run(path, FLAGS.n_decode, vram_budget_gb=float(budget))
+            r["quant"] = quant
+            r["roofline_tok_per_s"] = res["h2d_gbps"] * 1e9 / max(r["bytes_streamed_per_token"], 1)
+            r["ratio"] = r["tok_per_s"] / r["roofline_tok_per_s"]
+            res["runs"].append(r)
+            save()
+            if quant != FLAGS.quant:
+                continue
+            if FLAGS.disk_ram_budget_gb:
+                d = run(path, FLAGS.n_disk, vram_budget_gb=float(budget),
+                        ram_budget_gb=FLAGS.disk_ram_budget_gb, o_direct=True)
+                d["quant"] = quant
+                p = d["per_token"]
+                d["disk_ratio_to_cold_read"] = p.get("disk_gbps", 0) / max(res["cold_read_gbps"], 1e-9)
+                res["runs"].append(d)
+                save()
+            if FLAGS.n_mmap:
+                m = run(path, FLAGS.n_mmap, cold_each_token=True, vram_budget_gb=float(budget),
+                        streaming="mmap")
+                m["quant"] = quant
+                m["tok_per_s_cold"] = 1 / statistics.median(m["token_times"][1:] or m["token_times"])
+                m["speedup_of_pipeline"] = r["tok_per_s"] / m["tok_per_s_cold"]
+                res["runs"].append(m)
+                save()
+    save()
     print(f"\n{res['card']} jax {res['jax']} H2D {res['h2d_gbps']:.1f} GB/s HBM {res['hbm_gbps']:.0f} GB/s "
-          f"file {res['file_gb']:.1f} GB")
+          f"cold read {res['cold_read_gbps']:.2f} GB/s file {res['file_gb']:.1f} GB")
     for r in res["runs"]:
         p = r["per_token"]
-        print(f"{r['opts']} {r['tok_per_s']:.3f} tok/s roofline {r.get('roofline_tok_per_s', 0):.2f} "
+        print(f"{r.get('quant')} {r['opts']} {r['tok_per_s']:.3f} tok/s roofline {r.get('roofline_tok_per_s', 0):.2f} "
               f"wait_copy {p.get('wait_copy_s', 0) * 1e3:.0f} ms wait_disk {p.get('wait_disk_s', 0) * 1e3:.0f} ms "
               f"peak {r['device_peak_gb']:.1f} GB rss {r['host_maxrss_gb']:.1f} GB {r['plan']}")
 

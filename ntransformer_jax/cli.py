@@ -1,6 +1,7 @@
 """Command line: `python -m ntransformer_jax` / `ntransformer-jax`.
 
     ntransformer-jax --prompt "The capital of France is" --n_predict 16 --temperature 0
+    ntransformer-jax --chat --system "You are terse."
 
 The continuation streams to stdout as it is generated; logs and the summary go to stderr.
 Exit codes: 0 success, 2 bad input or usage, 1 runtime failure.
@@ -27,15 +28,33 @@ flags.DEFINE_integer("repeat_last_n", 64, "Window of the repetition penalty.")
 flags.DEFINE_integer("seed", -1, "Random seed (-1 = random). The same seed gives the same output.")
 flags.DEFINE_integer("ctx_size", 0, "Context size in tokens (0 = min(model's training context, 4096)).")
 flags.DEFINE_boolean("summary", True, "Print prompt/generation speed to stderr at the end.")
+flags.DEFINE_float("vram_budget_gb", None, "Device memory the engine may use (default: free memory less 1 GiB).")
+flags.DEFINE_float("ram_budget_gb", None, "Host RAM for streamed layers (default: available RAM less 2 GiB).")
+flags.DEFINE_integer("max_vram_layers", None, "At most this many layers in device memory.")
+flags.DEFINE_integer("max_ram_layers", None, "At most this many layers in pinned host RAM; the rest stream from disk.")
+flags.DEFINE_enum("streaming", "pipeline", ["pipeline", "mmap"],
+                  "How non-resident layers move: prefetching pipeline, or the naive synchronous mmap baseline.")
+flags.DEFINE_integer("prefetch_depth", 2, "Streamed layers in flight ahead of the one computing.")
+flags.DEFINE_boolean("benchmark", False, "Print per-token timing: compute, waits on copies and disk, bytes per tier.")
+flags.DEFINE_boolean("chat", False, "Chat using the model's chat template: read messages after a '> ' "
+                     "prompt until /exit or end of input; with --prompt, answer that one message and exit. "
+                     "--n_predict limits each reply.")
+flags.DEFINE_string("system", None, "System prompt for --chat (default: the template's own, if any).")
+flags.DEFINE_string("chat_template", None, "Chat template (jinja2 text or a file) for --chat, overriding "
+                    "the model's tokenizer.chat_template.")
 
 EXIT_INPUT = 2
 EXIT_RUNTIME = 1
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.splitlines())
+
+
 def _fail(message: str, code: int) -> None:
     if FLAGS.is_parsed() and FLAGS.verbosity >= 1:
         traceback.print_exc()
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {_one_line(message)}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -57,17 +76,125 @@ def _check_flags() -> None:
         raise InputError(f"--repeat_penalty={FLAGS.repeat_penalty} must be > 0")
 
 
+# -- chat ---------------------------------------------------------------------------------------
+
+CHAT_PROMPT = "> "
+CHAT_EXIT = ("/exit", "/quit")
+CHAT_CLEAR = "/clear"
+
+
+def _check_chat_flags() -> None:
+    from ntransformer_jax.errors import InputError
+    if not FLAGS.chat:
+        for name in ("system", "chat_template"):
+            if FLAGS[name].value is not None:
+                raise InputError(f"--{name} is only used with --chat")
+
+
+def _read_message() -> str | None:
+    """One message from stdin after the prompt on stdout; a line ending in "\\" continues on the
+    next. None at end of input."""
+    lines: list[str] = []
+    sys.stdout.write(CHAT_PROMPT)
+    sys.stdout.flush()
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return "\n".join(lines) if lines else None
+        line = line.rstrip("\r\n")
+        if not line.endswith("\\"):
+            return "\n".join(lines + [line])
+        lines.append(line[:-1])
+
+
+def _chat(engine) -> None:
+    """--chat: answer --prompt and return, or converse until /exit, end of input or Ctrl-C."""
+    from ntransformer_jax.chat import ChatSession
+    from ntransformer_jax.errors import InputError
+    session = ChatSession(
+        engine, system=FLAGS.system, template=FLAGS.chat_template, max_new_tokens=FLAGS.n_predict,
+        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
+        repeat_penalty=FLAGS.repeat_penalty, repeat_last_n=FLAGS.repeat_last_n, seed=FLAGS.seed)
+
+    def turn(text: str) -> None:
+        for piece in session.send(text):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if engine.last_stats.stop_reason == "ctx_size":
+            print(f"note: the reply stopped at ctx_size={engine.ctx_size}", file=sys.stderr)
+
+    if FLAGS.prompt:
+        turn(FLAGS.prompt)
+        if FLAGS.summary:
+            _print_summary(engine.last_stats)
+        if FLAGS.benchmark:
+            _print_benchmark(engine)
+        return
+    print(f"chat: {CHAT_EXIT[0]} or Ctrl-D ends, {CHAT_CLEAR} starts over, a line ending in \\ "
+          "continues on the next", file=sys.stderr)
+    try:
+        while True:
+            text = _read_message()
+            if text is None:
+                sys.stdout.write("\n")
+                break
+            text = text.strip()
+            if text in CHAT_EXIT:
+                break
+            if text == CHAT_CLEAR:
+                session.reset()
+            elif text:
+                try:
+                    turn(text)
+                except InputError as e:   # e.g. the conversation outgrew the context
+                    print(f"error: {_one_line(str(e))}", file=sys.stderr)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _print_summary(stats) -> None:
+    print(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tok_per_s:.1f} tok/s | "
+          f"generated: {stats.generated_tokens} tokens, {stats.generate_tok_per_s:.1f} tok/s "
+          f"| stop: {stats.stop_reason}", file=sys.stderr)
+
+
+def _print_benchmark(engine) -> None:
+    """--benchmark: per-token decode figures to stderr."""
+    p = engine.last_stats.per_token()
+    tiers = {t: engine.placement.count(t) for t in ("vram", "ram", "disk")}
+    print(f"placement: {tiers['vram']} vram / {tiers['ram']} ram / {tiers['disk']} disk layers", file=sys.stderr)
+    if not p:
+        print("benchmark: too few generated tokens to time decode", file=sys.stderr)
+        return
+    print(f"per token: {p['token_s'] * 1e3:.1f} ms = compute {p['compute_s'] * 1e3:.1f} ms + wait on copies "
+          f"{p['wait_copy_s'] * 1e3:.1f} ms + wait on disk {p['wait_disk_s'] * 1e3:.1f} ms | from RAM "
+          f"{p['bytes_ram'] / 1e9:.2f} GB ({p['ram_gbps']:.1f} GB/s), from disk {p['bytes_disk'] / 1e9:.2f} GB "
+          f"({p['disk_gbps']:.2f} GB/s)", file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
     from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError
     if len(argv) > 1:
         _fail(f"unexpected argument {argv[1]!r} (flags are written --name=value)", EXIT_INPUT)
     try:
         _check_flags()
+        _check_chat_flags()
         from ntransformer_jax.engine import load
         from ntransformer_jax.models import default_model_path
         path = FLAGS.model or default_model_path()
         logging.info("loading %s", path)
-        engine = load(path, ctx_size=FLAGS.ctx_size or None)
+        engine = load(path, ctx_size=FLAGS.ctx_size or None, vram_budget_gb=FLAGS.vram_budget_gb,
+                      ram_budget_gb=FLAGS.ram_budget_gb, max_vram_layers=FLAGS.max_vram_layers,
+                      max_ram_layers=FLAGS.max_ram_layers, streaming=FLAGS.streaming,
+                      prefetch_depth=FLAGS.prefetch_depth)
+        if engine.layered:
+            logging.warning("placement: %s", engine.plan.summary())
+        if FLAGS.chat:
+            _chat(engine)
+            return
         pieces = engine.generate(
             FLAGS.prompt, max_new_tokens=FLAGS.n_predict, temperature=FLAGS.temperature,
             top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
@@ -85,6 +212,8 @@ def main(argv: list[str]) -> None:
             print(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tok_per_s:.1f} tok/s | "
                   f"generated: {stats.generated_tokens} tokens, {stats.generate_tok_per_s:.1f} tok/s "
                   f"| stop: {stats.stop_reason}", file=sys.stderr)
+        if FLAGS.benchmark:
+            _print_benchmark(engine)
     except (InputError, ModelFileError) as e:
         _fail(str(e), EXIT_INPUT)
     except NTransformerError as e:
@@ -94,14 +223,22 @@ def main(argv: list[str]) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except Exception as e:  # noqa: BLE001 - the last guard: one line (traceback with --verbosity=1)
+        first = (str(e).splitlines() or [""])[0]
+        _fail(f"{type(e).__name__}: {first} (--verbosity=1 shows the traceback)", EXIT_RUNTIME)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
-        return FLAGS(argv)
+        args = FLAGS(argv)
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         sys.exit(EXIT_INPUT)
+    if FLAGS["verbosity"].using_default_value:
+        # app.run raises an unset --verbosity to INFO after parsing; setting it here keeps the
+        # default (warnings and errors only) in force.
+        FLAGS.verbosity = -1
+    return args
 
 
 def run() -> None:

@@ -108,7 +108,7 @@ def _layer_span(f: ModelFile, i: int) -> tuple[int, int]:
     infos = [f.layer_tensor(i, s) for s in LAYER_TENSORS]
     start = min(t.offset for t in infos) // ALIGN * ALIGN
     end = max(t.offset + t.n_bytes for t in infos)
-    end = min(-(-end // ALIGN) * ALIGN, f.file_size)
+    end = -(-end // ALIGN) * ALIGN     # may pass the end of the file; the reader stops there
     return start, end - start
 
 
@@ -445,7 +445,8 @@ class Engine:
         key = jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
         window = max(params.repeat_last_n, 1)
         recent = np.full((1, window), -1, np.int32)
-        tail = ids[-params.repeat_last_n:] if params.repeat_last_n else ids[:0]
+        history = np.concatenate([np.asarray(self._cached[:start_pos], np.int32), ids])
+        tail = history[-params.repeat_last_n:] if params.repeat_last_n else ids[:0]
         recent[0, window - len(tail):] = tail
         recent = jnp.asarray(recent)
 
@@ -457,16 +458,20 @@ class Engine:
         pos = start_pos + int(ids.size)
         stats.stop_reason = "max_new_tokens"
         for step in range(max_new_tokens):
+            if step == 0:
+                # The clock for decode speed starts when the first token is known, so the
+                # interval holds exactly one decode step per later token.
+                token = int(pending[0])
+                t_gen = time.perf_counter()
+                stats.prompt_seconds = t_gen - t0
+                s0 = dataclasses.replace(self.streamer.stats) if self.streamer else None
             # Dispatch the next step before reading this token, so the device never waits on
             # the host; a step dispatched past the end is discarded (its cache slot is unused).
             more = step + 1 < max_new_tokens and pos < self.ctx_size
             if more:
                 nxt, key, recent = self._decode(params, pending, pos, key, recent)
-            token = int(pending[0])
-            if step == 0:
-                t_gen = time.perf_counter()
-                stats.prompt_seconds = t_gen - t0
-                s0 = dataclasses.replace(self.streamer.stats) if self.streamer else None
+            if step > 0:
+                token = int(pending[0])
             stats.generated_tokens += 1
             stats.generate_seconds = time.perf_counter() - t_gen
             if s0 is not None:

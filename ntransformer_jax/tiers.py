@@ -259,13 +259,18 @@ class PosixReader:
         else:
             self.fd = os.open(path, flags)
         self.pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ntj-read")
+        self.size_at_open = os.fstat(self.fd).st_size
+        self.padded_tail = True
 
     def _read_chunk(self, buf: memoryview, offset: int) -> None:
         done = 0
         while done < len(buf):
             n = os.preadv(self.fd, [buf[done:]], offset + done)
             if n <= 0:
-                raise StreamingError(f"unexpected end of {self.path} at byte {offset + done}")
+                if offset + done >= self.size_at_open and self.padded_tail:
+                    return   # an aligned span may reach past the end of the file: nothing to read
+                raise StreamingError(f"model file {self.path} ended at byte {offset + done} while "
+                                     f"streaming (truncated or replaced?)")
             done += n
 
     def read_into(self, dst: np.ndarray, offset: int) -> None:
