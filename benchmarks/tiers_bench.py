@@ -41,6 +41,7 @@ flags.DEFINE_boolean("drop_caches", False, "Drop the page cache before each run 
 flags.DEFINE_float("disk_ram_budget_gb", 4.0, "RAM budget of the disk-tier run (0 = skip it).")
 flags.DEFINE_integer("n_disk", 3, "Tokens to decode in the disk-tier run.")
 flags.DEFINE_list("then_quants", [], "After the first model, delete it and run these quants too (same shape).")
+flags.DEFINE_string("single", None, "Internal: run one configuration (JSON) in this process and print JSON.")
 flags.DEFINE_string("out", None, "Folder for JSON.")
 FLAGS = flags.FLAGS
 
@@ -91,6 +92,35 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def proc_status() -> dict:
+    """Current VmRSS / RssAnon / RssFile of this process and MemAvailable, in GB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmLck"):
+                out[key] = int(line.split()[1]) * 1024 / 1e9
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                out["MemAvailable"] = int(line.split()[1]) * 1024 / 1e9
+    return out
+
+
+def evict(engine) -> None:
+    """Emulate a machine whose RAM cannot cache the model: unmap and drop the file's pages."""
+    import mmap
+    for obj in list(vars(engine.model_file).values()) + [getattr(engine.model_file, "_reader", None)]:
+        obj = getattr(obj, "data", obj)
+        mm = obj if isinstance(obj, mmap.mmap) else getattr(obj, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            mm.madvise(mmap.MADV_DONTNEED)
+    fd = os.open(engine.model_file.path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    drop_caches()
+
+
 def run(path: str, n_tokens: int, cold_each_token: bool = False, **opts) -> dict:
     if FLAGS.drop_caches:
         drop_caches()
@@ -103,16 +133,20 @@ def run(path: str, n_tokens: int, cold_each_token: bool = False, **opts) -> dict
     list(engine.generate_tokens(prompt, max_new_tokens=2, params=params))      # compile
     token_times = []
     t = time.perf_counter()
+    if cold_each_token:
+        evict(engine)
+        t = time.perf_counter()
     for _ in engine.generate_tokens(prompt, max_new_tokens=n_tokens + 1, params=params):
         token_times.append(time.perf_counter() - t)
         if cold_each_token:
-            drop_caches()          # the mmap baseline from a cold disk: no page cache help
+            evict(engine)          # the mmap baseline from a cold disk: no page cache help
         t = time.perf_counter()
     st = engine.last_stats
     stats = engine.device.memory_stats() or {}
     res = dict(opts=opts, load_s=load_s, placement="".join(t[0] for t in engine.placement),
                plan=engine.plan.summary(), tok_per_s=st.generate_tok_per_s, per_token=st.per_token(),
-               token_times=token_times,
+               token_times=token_times, proc=proc_status(),
+               steady_tok_per_s=1 / statistics.median(token_times[2:-1] or token_times[:1]),
                device_peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9, host_maxrss_gb=rss_gb(),
                bytes_streamed_per_token=engine.plan.bytes_in("ram") + engine.plan.bytes_in("disk"))
     engine.close()
@@ -121,8 +155,26 @@ def run(path: str, n_tokens: int, cold_each_token: bool = False, **opts) -> dict
     return res
 
 
+def run_isolated(path: str, n_tokens: int, **kw) -> dict:
+    """`run` in a fresh process, so no run inherits another's memory."""
+    cmd = [sys.executable, __file__, f"--single={json.dumps(dict(path=path, n_tokens=n_tokens, **kw))}",
+           f"--ctx_size={FLAGS.ctx_size}"] + (["--drop_caches"] if FLAGS.drop_caches else [])
+    if FLAGS.ram_budget_gb is not None:
+        cmd.append(f"--ram_budget_gb={FLAGS.ram_budget_gb}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode or not lines:
+        return dict(error=proc.stderr[-2000:], opts=kw, tok_per_s=0.0, per_token={}, plan="", device_peak_gb=0,
+                    host_maxrss_gb=0, bytes_streamed_per_token=1, token_times=[1.0])
+    return json.loads(lines[-1])
+
+
 def main(argv):
     del argv
+    if FLAGS.single:
+        spec = json.loads(FLAGS.single)
+        run(spec.pop("path"), spec.pop("n_tokens"), **spec)
+        return
     dev = jax.devices()[0]
     res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=dev.device_kind)
     res["h2d_gbps"] = h2d_gbps()
@@ -155,16 +207,17 @@ def main(argv):
             synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], quant, seed=0)
             res[f"write_s_{quant}"] = time.perf_counter() - t
         for budget in FLAGS.vram_budget_gb:
-            r = run(path, FLAGS.n_decode, vram_budget_gb=float(budget))
+            r = run_isolated(path, FLAGS.n_decode, vram_budget_gb=float(budget))
             r["quant"] = quant
             r["roofline_tok_per_s"] = res["h2d_gbps"] * 1e9 / max(r["bytes_streamed_per_token"], 1)
             r["ratio"] = r["tok_per_s"] / r["roofline_tok_per_s"]
+            r["steady_ratio"] = r.get("steady_tok_per_s", 0) / r["roofline_tok_per_s"]
             res["runs"].append(r)
             save()
             if quant != FLAGS.quant:
                 continue
             if FLAGS.disk_ram_budget_gb:
-                d = run(path, FLAGS.n_disk, vram_budget_gb=float(budget),
+                d = run_isolated(path, FLAGS.n_disk, vram_budget_gb=float(budget),
                         ram_budget_gb=FLAGS.disk_ram_budget_gb, o_direct=True)
                 d["quant"] = quant
                 p = d["per_token"]
@@ -172,11 +225,12 @@ def main(argv):
                 res["runs"].append(d)
                 save()
             if FLAGS.n_mmap:
-                m = run(path, FLAGS.n_mmap, cold_each_token=True, vram_budget_gb=float(budget),
+                m = run_isolated(path, FLAGS.n_mmap, cold_each_token=True, vram_budget_gb=float(budget),
                         streaming="mmap")
                 m["quant"] = quant
-                m["tok_per_s_cold"] = 1 / statistics.median(m["token_times"][1:] or m["token_times"])
+                m["tok_per_s_cold"] = 1 / statistics.median(m["token_times"][1:-1] or m["token_times"][:1])
                 m["speedup_of_pipeline"] = r["tok_per_s"] / m["tok_per_s_cold"]
+                m["speedup_steady"] = r.get("steady_tok_per_s", 0) / m["tok_per_s_cold"]
                 res["runs"].append(m)
                 save()
     save()
@@ -184,7 +238,9 @@ def main(argv):
           f"cold read {res['cold_read_gbps']:.2f} GB/s file {res['file_gb']:.1f} GB")
     for r in res["runs"]:
         p = r["per_token"]
-        print(f"{r.get('quant')} {r['opts']} {r['tok_per_s']:.3f} tok/s roofline {r.get('roofline_tok_per_s', 0):.2f} "
+        print(f"{r.get('quant')} {r['opts']} {r['tok_per_s']:.3f} tok/s steady {r.get('steady_tok_per_s', 0):.3f} "
+              f"cold {r.get('tok_per_s_cold', 0):.3f} x{r.get('speedup_steady', 0):.1f} rss {r.get('proc')} "
+              f"disk/cold {r.get('disk_ratio_to_cold_read', 0):.2f} {r.get('error', '')[-300:]} roofline {r.get('roofline_tok_per_s', 0):.2f} "
               f"wait_copy {p.get('wait_copy_s', 0) * 1e3:.0f} ms wait_disk {p.get('wait_disk_s', 0) * 1e3:.0f} ms "
               f"peak {r['device_peak_gb']:.1f} GB rss {r['host_maxrss_gb']:.1f} GB {r['plan']}")
 

@@ -1,0 +1,123 @@
+"""The three-tier store on CPU (JAX's CPU backend has the same memory kinds as the GPU)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import ntransformer_jax as nt
+from ntransformer_jax import synth
+from ntransformer_jax.tiers import TierOptions, plan_placement, spread
+
+SHAPE = synth.SynthShape(n_layers=6, n_embd=256, n_ff=512, n_head=4, n_kv_head=2, n_vocab=512, ctx_len=256)
+
+
+@pytest.fixture(scope="module")
+def six_layer_path(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiers") / "six-q8_0.gguf")
+    synth.write_synthetic(path, SHAPE, "Q4_K_M", seed=3)   # mixed types per layer
+    return path
+
+
+PLACEMENTS = [
+    dict(max_vram_layers=6),                                  # all A, layered path
+    dict(max_vram_layers=2, max_ram_layers=2),                # A, B and C mixed
+    dict(max_vram_layers=0, max_ram_layers=6),                # all B
+    dict(max_vram_layers=0, max_ram_layers=0),                # all C
+    dict(max_vram_layers=0, max_ram_layers=0, prefetch_depth=1, read_threads=1),
+    dict(max_vram_layers=3, streaming="mmap"),                # the naive baseline
+]
+
+
+def test_logits_bit_identical_across_placements(six_layer_path):
+    ids = np.random.default_rng().integers(0, SHAPE.n_vocab, 40)
+    resident = nt.load(six_layer_path, ctx_size=64)
+    assert not resident.layered and resident.placement == ["vram"] * 6
+    want = resident.logits(ids)
+    for opts in PLACEMENTS:
+        with nt.load(six_layer_path, ctx_size=64, **opts) as engine:
+            assert engine.layered
+            got = engine.logits(ids)
+            assert np.array_equal(got, want), (opts, engine.placement, np.abs(got - want).max())
+
+
+def test_mixed_placement_uses_every_tier_and_generates_the_same(six_layer_path):
+    greedy = nt.SamplingParams(temperature=0)
+    prompt = [1, 17, 42, 99, 7]
+    want = list(nt.load(six_layer_path, ctx_size=64).generate_tokens(prompt, max_new_tokens=12, params=greedy))
+    with nt.load(six_layer_path, ctx_size=64, max_vram_layers=2, max_ram_layers=2) as engine:
+        assert sorted(engine.placement) == ["disk"] * 2 + ["ram"] * 2 + ["vram"] * 2
+        got = list(engine.generate_tokens(prompt, max_new_tokens=12, params=greedy))
+        st = engine.last_stats
+    assert got == want
+    per = st.per_token()
+    if st.generated_tokens > 1:
+        layer = engine.plan.layer_bytes[0]
+        # Every decode step streams each non-resident layer once (bytes within one layer of that).
+        assert abs(per["bytes_ram"] + per["bytes_disk"] - engine.plan.bytes_in("ram") - engine.plan.bytes_in("disk")) <= layer
+
+
+def test_spread_places_streamed_layers_evenly():
+    assert spread(8, 4) == [1, 3, 5, 7]
+    assert spread(80, 40) == list(range(1, 80, 2))
+    assert spread(5, 0) == [] and spread(3, 3) == [0, 1, 2]
+
+
+def test_plan_respects_budgets_and_caps():
+    layers = [100] * 10
+    ws = {"kv_cache": 50, "globals": 30, "workspace": 20}
+    opts = TierOptions(vram_budget_gb=600e-9, ram_budget_gb=450e-9, prefetch_depth=2)
+    plan = plan_placement(layers, ws, staging_bytes=110, options=opts, free_vram=None, avail_ram=None,
+                          slot_bytes=100)
+    # device: 100 working set + 3 slots (300) leaves 200: two layers
+    assert plan.count("vram") == 2 and plan.device_bytes <= 600
+    # host: staging 3 x 110 = 330 leaves 120: one layer in RAM, the rest on disk
+    assert plan.count("ram") == 1 and plan.count("disk") == 7 and plan.host_bytes <= 450
+    capped = plan_placement(layers, ws, 110, TierOptions(max_vram_layers=1, max_ram_layers=3),
+                            None, None, 100)
+    assert (capped.count("vram"), capped.count("ram"), capped.count("disk")) == (1, 3, 6)
+
+
+def test_budget_too_small_names_the_minimum():
+    with pytest.raises(nt.InputError, match=r"vram_budget_gb=.*minimum is"):
+        plan_placement([100] * 4, {"kv_cache": 500}, 100, TierOptions(vram_budget_gb=1e-7), None, None, 100)
+    with pytest.raises(nt.InputError, match=r"ram_budget_gb=.*minimum is"):
+        plan_placement([100] * 4, {}, 1000, TierOptions(vram_budget_gb=1e-6, ram_budget_gb=1e-7, max_vram_layers=0),
+                       None, None, 100)
+
+
+@pytest.mark.parametrize("kwargs", [dict(vram_budget_gb=-1), dict(ram_budget_gb=float("nan")),
+                                    dict(max_ram_layers=-2), dict(streaming="fast"), dict(prefetch_depth=0)])
+def test_bad_tier_options(kwargs, six_layer_path):
+    with pytest.raises(nt.InputError):
+        nt.load(six_layer_path, ctx_size=16, **kwargs)
+
+
+def test_unknown_load_option(six_layer_path):
+    with pytest.raises(nt.InputError, match="unknown load option"):
+        nt.load(six_layer_path, vram_budget=3)
+
+
+def test_file_truncated_while_streaming_names_layer_and_file(six_layer_path, tmp_path):
+    path = str(tmp_path / "victim.gguf")
+    shutil.copy(six_layer_path, path)
+    engine = nt.load(path, ctx_size=32, max_vram_layers=0, max_ram_layers=0)
+    engine.logits([1, 2, 3])
+    first = engine.model_file.layer_tensor(0, "attn_q")
+    os.truncate(path, first.offset + 10)
+    with pytest.raises(nt.NTransformerError, match=r"(layer \d+|ended at byte).*victim.gguf|victim.gguf.*(layer|ended)"):
+        engine.logits([1, 2, 3, 4])
+    engine.close()
+
+
+def test_cli_tier_flags_and_benchmark(six_layer_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "ntransformer_jax", "--model", six_layer_path, "--prompt", "hello",
+                        "--n_predict", "6", "--temperature", "0", "--max_vram_layers", "2",
+                        "--max_ram_layers", "2", "--benchmark"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "2 vram / 2 ram / 2 disk layers" in r.stderr and "per token:" in r.stderr
