@@ -134,6 +134,9 @@ class Engine:
             self.tokenizer = Tokenizer.from_metadata(model_file.metadata)
         except ModelFileError as e:   # name the file, as the model file's own errors do
             raise ModelFileError(f"{os.path.basename(model_file.path)}: {e}") from None
+        except (ValueError, TypeError, OverflowError, IndexError, KeyError) as e:  # a corrupt vocabulary
+            raise ModelFileError(f"{os.path.basename(model_file.path)}: bad tokenizer metadata "
+                                 f"({type(e).__name__}: {e})") from e
         if ctx_size is None or ctx_size == 0:
             ctx_size = min(self.config.ctx_train, DEFAULT_CTX)
         if ctx_size < 1:
@@ -317,48 +320,56 @@ class Engine:
             raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.n_vocab})")
         return arr.astype(np.int32)
 
-    def _forward(self, ids: np.ndarray, pos: int, all_logits: bool) -> jax.Array:
-        """Run `ids` (1-D) through the model starting at `pos`, updating the cache.
+    def _forward(self, ids: np.ndarray, pos: int, all_logits: bool,
+                 lengths: np.ndarray | None = None) -> jax.Array:
+        """Run ids ([T], or [B, T] right-padded with `lengths` [B]) from `pos`, updating the cache.
 
-        Returns logits [T, V] for every position when `all_logits`, else [1, V] for the last.
-        The prompt goes in chunks padded to power-of-two buckets so few shapes are compiled;
-        padded slots write cache entries past the last real token, which are overwritten before
-        any query can see them.
+        Returns logits [T, V] for every position when `all_logits` (B = 1), else [B, V] at each
+        row's last real token. The prompt goes in chunks padded to power-of-two buckets so few
+        shapes are compiled; padded slots write cache entries past a row's last real token, which
+        are overwritten before any query of that row can see them.
         """
-        outputs = []
+        ids = np.atleast_2d(ids)
+        b, t = ids.shape
+        lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
+        outputs, final = [], None
         start = 0
-        while start < len(ids):
-            n = min(MAX_PREFILL_CHUNK, len(ids) - start)
+        while start < t:
+            n = min(MAX_PREFILL_CHUNK, t - start)
             room = self.ctx_size - (pos + start)
             bucket = max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()) if n > 1 else 1
             if bucket > room:
                 bucket = n
-            chunk = np.zeros((1, bucket), np.int32)
-            chunk[0, :n] = ids[start:start + n]
-            last = start + n == len(ids)
-            logits = self._prefill(jnp.asarray(chunk), pos + start, n, all_logits)
+            chunk = np.zeros((b, bucket), np.int32)
+            chunk[:, :n] = ids[:, start:start + n]
+            idx = np.clip(lengths - 1 - start, 0, n - 1).astype(np.int32)
+            logits = self._prefill(jnp.asarray(chunk), pos + start, idx, all_logits)
             if all_logits:
                 outputs.append(logits[0, :n])
-            elif last:
-                outputs.append(logits)
+            else:
+                here = jnp.asarray((lengths - 1 >= start) & (lengths - 1 < start + n))[:, None]
+                final = logits if final is None else jnp.where(here, logits, final)
             start += n
+        if not all_logits:
+            return final
         return jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
 
-    def _prefill(self, chunk: jax.Array, pos: int, n: int, all_logits: bool) -> jax.Array:
-        """One padded chunk [1, T] from `pos`: logits [1, T, V] or [1, V] of token n-1."""
+    def _prefill(self, chunk: jax.Array, pos: int, idx: np.ndarray, all_logits: bool) -> jax.Array:
+        """One padded chunk [B, T] from `pos`: logits [B, T, V], or [B, V] at row b's token idx[b]."""
         if not self.layered:
             logits, self._caches = M.prefill(self.config, self.segments, self.globals, self._caches,
-                                             chunk, jnp.int32(pos), jnp.int32(n), all_logits=all_logits)
+                                             chunk, jnp.int32(pos), jnp.asarray(idx + 1),
+                                             all_logits=all_logits)
             return logits
         x = self._run_layered(M.embed_jit(self.globals.token_embd, chunk), pos)
         if not all_logits:
-            x = x[:, n - 1]
+            x = x[jnp.arange(x.shape[0]), jnp.asarray(idx)]
         return M.head_jit(self.globals.output_norm, self.globals.output, x, self.config.rms_eps)
 
-    def _run_layered(self, x: jax.Array, pos: int) -> jax.Array:
+    def _run_layered(self, x: jax.Array, pos) -> jax.Array:
         """Every layer through the jitted per-layer block; streamed layers come from the
         scheduler, which keeps the next `prefetch_depth` of them in flight."""
-        p = jnp.int32(pos)
+        p = jnp.asarray(pos, jnp.int32)
         inv_freq = self.globals.rope_inv_freq
         for i in range(self.config.n_layers):
             streamed = i not in self.resident
@@ -370,13 +381,13 @@ class Engine:
                 self.streamer.computed(x)
         return x
 
-    def _decode(self, params: SamplingParams, token: jax.Array, pos: int, key: jax.Array,
+    def _decode(self, params: SamplingParams, token: jax.Array, pos, key: jax.Array,
                 recent: jax.Array):
-        """One decode step: (next token [1], key, recent)."""
+        """One decode step for every row: (next tokens [B], key, recent). pos: int or [B]."""
         if not self.layered:
             nxt, self._caches, key, recent = M.decode_step(
                 self.config, params, self.segments, self.globals, self._caches, token,
-                jnp.int32(pos), key, recent)
+                jnp.asarray(pos, jnp.int32), key, recent)
             return nxt, key, recent
         x = self._run_layered(M.embed_jit(self.globals.token_embd, token[:, None]), pos)
         return M.head_sample(self.config.rms_eps, params, self.globals.output_norm,
@@ -490,6 +501,92 @@ class Engine:
             pending = nxt
             self._cached.append(token)
             pos += 1
+
+    def generate_batch_tokens(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+                              params: SamplingParams = SamplingParams(), seed: int | None = None
+                              ) -> list[list[int]]:
+        """Generate for several token prompts together: each streamed layer is read once per
+        step for all of them. Each row stops on its own (end-of-generation, the limit, ctx_size).
+
+        Returns the new tokens of each prompt (the end-of-generation token excluded).
+        """
+        rows = [self._check_ids(p) for p in prompts]
+        if not rows:
+            return []
+        for i, r in enumerate(rows):
+            if r.size == 0:
+                raise InputError(f"prompt {i} is empty (no tokens to start from)")
+            if r.size >= self.ctx_size:
+                raise InputError(f"prompt {i} of {r.size} tokens does not fit in ctx_size={self.ctx_size} "
+                                 f"(it needs at least {r.size + 1})")
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        b = len(rows)
+        lengths = np.array([r.size for r in rows])
+        padded = np.zeros((b, lengths.max()), np.int32)
+        window = max(params.repeat_last_n, 1)
+        recent = np.full((b, window), -1, np.int32)
+        for i, r in enumerate(rows):
+            padded[i, :r.size] = r
+            tail = r[-params.repeat_last_n:] if params.repeat_last_n else r[:0]
+            recent[i, window - len(tail):] = tail
+        out: list[list[int]] = [[] for _ in range(b)]
+        stats = self.last_stats = GenerationStats(prompt_tokens=int(lengths.sum()))
+        if max_new_tokens == 0:
+            return out
+        key = jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
+        self._caches = self._new_caches(b)
+        self._cached = []
+        try:
+            t0 = time.perf_counter()
+            recent = jnp.asarray(recent)
+            logits = self._forward(padded, 0, all_logits=False, lengths=lengths)   # [B, V]
+            key, sub = jax.random.split(key)
+            pending = sample(logits, recent, sub, params)
+            pos = lengths.copy()
+            done = np.zeros(b, bool)
+            for step in range(max_new_tokens):
+                if step == 0:
+                    toks = np.asarray(pending)
+                    t_gen = time.perf_counter()
+                    stats.prompt_seconds = t_gen - t0
+                live = ~done
+                more = step + 1 < max_new_tokens and bool((pos[live] < self.ctx_size).any())
+                if more:
+                    nxt, key, recent = self._decode(params, pending, np.minimum(pos, self.ctx_size - 1),
+                                                    key, recent)
+                if step > 0:
+                    toks = np.asarray(pending)
+                for i in np.flatnonzero(live):
+                    tok = int(toks[i])
+                    if self.tokenizer.is_eog(tok):
+                        done[i] = True
+                        continue
+                    out[i].append(tok)
+                    stats.generated_tokens += 1
+                    if len(out[i]) >= max_new_tokens or pos[i] >= self.ctx_size:
+                        done[i] = True
+                stats.generate_seconds = time.perf_counter() - t_gen
+                if done.all() or not more:
+                    break
+                pending = nxt
+                pos = pos + 1
+            stats.stop_reason = "batch"
+        finally:
+            self._caches = self._new_caches(1)
+        return out
+
+    def generate_batch(self, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,
+                       top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                       repeat_penalty: float = 1.0, seed: int | None = None, *,
+                       repeat_last_n: int = 64) -> list[str]:
+        """Continue every prompt, decoding them together; returns the continuations in order."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
+        ids = [self.tokenize(p) for p in prompts]
+        outs = self.generate_batch_tokens(ids, max_new_tokens=max_new_tokens, params=params, seed=seed)
+        return [b"".join(self.tokenizer.token_bytes(t) for t in o).decode("utf-8", errors="replace")
+                for o in outs]
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,

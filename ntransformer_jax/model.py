@@ -259,14 +259,15 @@ def head(output_norm: jax.Array, output: QTensor, x: jax.Array, eps: float) -> j
 def prefill(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], g: GlobalWeights,
             caches: tuple[KVCache, ...], ids: jax.Array, pos: jax.Array, n_real: jax.Array,
             all_logits: bool) -> tuple[jax.Array, tuple[KVCache, ...]]:
-    """Run ids [B, T] (the first `n_real` real, the rest padding) from position `pos`.
+    """Run ids [B, T] (row b: the first `n_real[b]` real, the rest padding) from position `pos`.
 
-    Returns logits [B, T, V] when `all_logits`, else [B, V] of the last real position.
+    Returns logits [B, T, V] when `all_logits`, else [B, V] at each row's last real position.
     """
     x = embed(g.token_embd, ids)
     x, caches = forward_layers(cfg, segments, caches, x, pos, g.rope_inv_freq)
     if not all_logits:
-        x = jax.lax.dynamic_index_in_dim(x, n_real - 1, axis=1, keepdims=False)
+        last = jnp.broadcast_to(jnp.asarray(n_real, jnp.int32), (x.shape[0],)) - 1   # [B]
+        x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     return head(g.output_norm, g.output, x, cfg.rms_eps), caches
 
 
