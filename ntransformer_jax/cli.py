@@ -2,6 +2,7 @@
 
     ntransformer-jax --prompt "The capital of France is" --n_predict 16 --temperature 0
     ntransformer-jax --chat --system "You are terse."
+    ntransformer-jax inspect --model model.gguf --max_vram_layers 40 [--json]
 
 The continuation streams to stdout as it is generated; logs and the summary go to stderr.
 Exit codes: 0 success, 2 bad input or usage, 1 runtime failure.
@@ -9,6 +10,7 @@ Exit codes: 0 success, 2 bad input or usage, 1 runtime failure.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 
@@ -36,12 +38,21 @@ flags.DEFINE_enum("streaming", "pipeline", ["pipeline", "mmap"],
                   "How non-resident layers move: prefetching pipeline, or the naive synchronous mmap baseline.")
 flags.DEFINE_integer("prefetch_depth", 2, "Streamed layers in flight ahead of the one computing.")
 flags.DEFINE_boolean("benchmark", False, "Print per-token timing: compute, waits on copies and disk, bytes per tier.")
+flags.DEFINE_string("batch_file", None, "Generate for every line of this file together (one prompt a line); "
+                    "the answers print in order, separated by lines of '---'.")
 flags.DEFINE_boolean("chat", False, "Chat using the model's chat template: read messages after a '> ' "
                      "prompt until /exit or end of input; with --prompt, answer that one message and exit. "
                      "--n_predict limits each reply.")
 flags.DEFINE_string("system", None, "System prompt for --chat (default: the template's own, if any).")
 flags.DEFINE_string("chat_template", None, "Chat template (jinja2 text or a file) for --chat, overriding "
                     "the model's tokenizer.chat_template.")
+flags.DEFINE_boolean("progress", True, "Show a progress bar on stderr while layers are placed (on a terminal only).")
+flags.DEFINE_boolean("inspect", False, "Describe the model and the tier plan the placement flags give, "
+                     "without loading weights (same as the `inspect` command: ntransformer-jax inspect --model ...).")
+flags.DEFINE_boolean("json", False, "With inspect: print the description as one JSON object.")
+flags.DEFINE_float("hbm_gbps", 2800.0, "With inspect: device memory bandwidth ceiling, GB/s (H100).")
+flags.DEFINE_float("pcie_gbps", 53.8, "With inspect: pinned host -> device bandwidth ceiling, GB/s (H100, PCIe 5).")
+flags.DEFINE_float("disk_gbps", 1.5, "With inspect: disk read bandwidth ceiling, GB/s (cold).")
 
 EXIT_INPUT = 2
 EXIT_RUNTIME = 1
@@ -128,7 +139,7 @@ def _chat(engine) -> None:
     if FLAGS.prompt:
         turn(FLAGS.prompt)
         if FLAGS.summary:
-            _print_summary(engine.last_stats)
+            _print_summary(engine)
         if FLAGS.benchmark:
             _print_benchmark(engine)
         return
@@ -155,10 +166,17 @@ def _chat(engine) -> None:
     sys.stdout.flush()
 
 
-def _print_summary(stats) -> None:
+def _print_summary(engine) -> None:
+    """The closing line on stderr: speeds, and the bytes each decoded token streamed."""
+    stats = engine.last_stats
+    streamed = ""
+    per = stats.per_token()
+    if engine.layered and per:
+        streamed = (f"| streamed: {(per['bytes_ram'] + per['bytes_disk']) / 1e6:.1f} MB/token "
+                    f"(RAM {per['bytes_ram'] / 1e6:.1f} MB, disk {per['bytes_disk'] / 1e6:.1f} MB) ")
     print(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tok_per_s:.1f} tok/s | "
           f"generated: {stats.generated_tokens} tokens, {stats.generate_tok_per_s:.1f} tok/s "
-          f"| stop: {stats.stop_reason}", file=sys.stderr)
+          f"{streamed}| stop: {stats.stop_reason}", file=sys.stderr)
 
 
 def _print_benchmark(engine) -> None:
@@ -175,25 +193,102 @@ def _print_benchmark(engine) -> None:
           f"({p['disk_gbps']:.2f} GB/s)", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _progress_bar():
+    """Yields load's `progress` callback: a tqdm bar on stderr, or None (no bar) unless stderr is
+    a terminal and --progress is on."""
+    if not (FLAGS.progress and sys.stderr.isatty()):
+        yield None
+        return
+    from tqdm import tqdm
+    with tqdm(desc="placing layers", unit="B", unit_scale=True, file=sys.stderr, leave=False) as bar:
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        yield update
+
+
+def _inspect(path: str) -> None:
+    """inspect / --inspect: the model and the tier plan of the placement flags on stdout, as
+    text or (--json) one JSON object; no weights are loaded."""
+    import json
+    from ntransformer_jax import inspect_model
+    from ntransformer_jax.errors import InputError
+    for name in ("hbm_gbps", "pcie_gbps", "disk_gbps"):
+        if not FLAGS[name].value > 0:
+            raise InputError(f"--{name}={FLAGS[name].value} must be positive")
+    ceilings = inspect_model.Ceilings(hbm=FLAGS.hbm_gbps * 1e9, pcie=FLAGS.pcie_gbps * 1e9,
+                                      disk=FLAGS.disk_gbps * 1e9)
+    report = inspect_model.inspect(
+        path, ctx_size=FLAGS.ctx_size or None, ceilings=ceilings, vram_budget_gb=FLAGS.vram_budget_gb,
+        ram_budget_gb=FLAGS.ram_budget_gb, max_vram_layers=FLAGS.max_vram_layers,
+        max_ram_layers=FLAGS.max_ram_layers, streaming=FLAGS.streaming, prefetch_depth=FLAGS.prefetch_depth)
+    print(json.dumps(report, indent=None) if FLAGS.json else inspect_model.format_report(report))
+
+
+def _read_batch_file(path: str) -> list[str]:
+    from ntransformer_jax.errors import InputError
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f]
+    except OSError as e:
+        raise InputError(f"--batch_file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"--batch_file {path}: not UTF-8 text") from None
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise InputError(f"--batch_file {path}: no prompts (one prompt a line)")
+    return prompts
+
+
+def _batch(engine) -> None:
+    """--batch_file: all prompts decoded together, answers in order."""
+    answers = engine.generate_batch(
+        _read_batch_file(FLAGS.batch_file), max_new_tokens=FLAGS.n_predict, temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p, repeat_penalty=FLAGS.repeat_penalty,
+        repeat_last_n=FLAGS.repeat_last_n, seed=FLAGS.seed)
+    for i, answer in enumerate(answers):
+        if i:
+            sys.stdout.write("\n---\n")
+        sys.stdout.write(answer)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    stats = engine.last_stats
+    if FLAGS.summary:
+        print(f"batch: {len(answers)} prompts, {stats.prompt_tokens} prompt tokens, "
+              f"{stats.generated_tokens} generated in {stats.generate_seconds:.2f} s "
+              f"({stats.generated_tokens / max(stats.generate_seconds, 1e-9):.1f} tok/s aggregate)", file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
     from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError
-    if len(argv) > 1:
-        _fail(f"unexpected argument {argv[1]!r} (flags are written --name=value)", EXIT_INPUT)
+    command = argv[1:2] == ["inspect"]
+    if len(argv) > 1 + command:
+        _fail(f"unexpected argument {argv[1 + command]!r} (flags are written --name=value)", EXIT_INPUT)
     try:
         _check_flags()
         _check_chat_flags()
         from ntransformer_jax.engine import load
         from ntransformer_jax.models import default_model_path
         path = FLAGS.model or default_model_path()
+        if command or FLAGS.inspect:
+            _inspect(path)
+            return
+        if FLAGS.json:
+            raise InputError("--json is only used with inspect")
         logging.info("loading %s", path)
-        engine = load(path, ctx_size=FLAGS.ctx_size or None, vram_budget_gb=FLAGS.vram_budget_gb,
-                      ram_budget_gb=FLAGS.ram_budget_gb, max_vram_layers=FLAGS.max_vram_layers,
-                      max_ram_layers=FLAGS.max_ram_layers, streaming=FLAGS.streaming,
-                      prefetch_depth=FLAGS.prefetch_depth)
+        with _progress_bar() as progress:
+            engine = load(path, ctx_size=FLAGS.ctx_size or None, vram_budget_gb=FLAGS.vram_budget_gb,
+                          ram_budget_gb=FLAGS.ram_budget_gb, max_vram_layers=FLAGS.max_vram_layers,
+                          max_ram_layers=FLAGS.max_ram_layers, streaming=FLAGS.streaming,
+                          prefetch_depth=FLAGS.prefetch_depth, progress=progress)
         if engine.layered:
             logging.warning("placement: %s", engine.plan.summary())
         if FLAGS.chat:
             _chat(engine)
+            return
+        if FLAGS.batch_file:
+            _batch(engine)
             return
         pieces = engine.generate(
             FLAGS.prompt, max_new_tokens=FLAGS.n_predict, temperature=FLAGS.temperature,
@@ -209,9 +304,7 @@ def main(argv: list[str]) -> None:
         if stats.stop_reason == "ctx_size":
             print(f"note: generation stopped at ctx_size={engine.ctx_size}", file=sys.stderr)
         if FLAGS.summary:
-            print(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tok_per_s:.1f} tok/s | "
-                  f"generated: {stats.generated_tokens} tokens, {stats.generate_tok_per_s:.1f} tok/s "
-                  f"| stop: {stats.stop_reason}", file=sys.stderr)
+            _print_summary(engine)
         if FLAGS.benchmark:
             _print_benchmark(engine)
     except (InputError, ModelFileError) as e:

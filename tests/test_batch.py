@@ -38,3 +38,15 @@ def test_batch_rows_stop_independently_at_ctx(tiny_f32_path):
     assert out == [list(engine.generate_tokens(p, max_new_tokens=30, params=GREEDY)) for p in prompts]
     with pytest.raises(nt.InputError, match="prompt 1"):
         engine.generate_batch_tokens([[1], []], max_new_tokens=2)
+
+
+def test_cli_batch_file(tmp_path, smollm_path):
+    import subprocess
+    import sys
+    f = tmp_path / "prompts.txt"
+    f.write_text("The capital of France is\n\n1, 2, 3, 4,\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "ntransformer_jax", "--batch_file", str(f), "--n_predict", "8",
+                        "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    answers = r.stdout.rstrip("\n").split("\n---\n")
+    assert len(answers) == 2 and "Paris" in answers[0] and "5" in answers[1]
