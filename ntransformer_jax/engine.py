@@ -25,6 +25,7 @@ from ntransformer_jax import model as M
 from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError
 from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, TensorInfo
 from ntransformer_jax.sampling import SamplingParams, sample
+from ntransformer_jax.speculative import SpeculativeStats, check_compatible, speculative_tokens
 from ntransformer_jax.tiers import (ALIGN, LayerSource, Streamer, TierOptions, available_ram,
                                     free_device_memory, open_reader, plan_placement)
 from ntransformer_jax.tokenizer import Tokenizer
@@ -146,6 +147,9 @@ class Engine:
         self.tier_options = tier_options or TierOptions()
         self._progress = progress
         self.streamer: Streamer | None = None
+        self.draft: "Engine | None" = None       # speculative decoding, see `load(draft_model=...)`
+        self.draft_k = 4
+        self.spec_stats = SpeculativeStats()
         self._load_weights()
         self._caches = self._new_caches()
         self._cached: list[int] = []
@@ -438,6 +442,14 @@ class Engine:
           start_pos: keep the cache entries of `cached_tokens[:start_pos]` and continue after
             them (a chat turn appends this way); 0 starts a fresh context.
         """
+        if self.draft is not None and start_pos == 0 and params.repeat_penalty == 1.0:
+            if max_new_tokens < 0:
+                raise InputError(f"max_new_tokens={max_new_tokens} must be >= 0")
+            self.spec_stats = SpeculativeStats()
+            yield from speculative_tokens(self, self.draft, prompt_ids, k=self.draft_k,
+                                          max_new_tokens=max_new_tokens, params=params, seed=seed,
+                                          stats=self.spec_stats)
+            return
         ids = self._check_ids(prompt_ids)
         if ids.size == 0:
             raise InputError("the prompt is empty (no tokens to start from)")
@@ -632,13 +644,17 @@ _TIER_OPTIONS = {f.name for f in dataclasses.fields(TierOptions)}
 
 
 def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
-         progress: Callable[[int, int], None] | None = None, **tier_options) -> Engine:
+         progress: Callable[[int, int], None] | None = None, draft_model: str | None = None,
+         draft_k: int = 4, **tier_options) -> Engine:
     """Open a GGUF Llama model and place its weights.
 
     Args:
       path: the .gguf file.
       ctx_size: context length (KV cache size); default min(training context, 4096).
       progress: called as progress(bytes_placed, bytes_total) while layers are placed.
+      draft_model: a smaller GGUF with the same vocabulary (e.g. a lower-bit quantization of the
+        same model), kept resident, for speculative decoding.
+      draft_k: tokens drafted per speculative round.
       **tier_options: `TierOptions` fields: vram_budget_gb, ram_budget_gb, max_vram_layers,
         max_ram_layers, streaming ("pipeline" | "mmap"), prefetch_depth, reader, o_direct,
         read_threads. With none given, layers stay in device memory when they fit.
@@ -650,10 +666,17 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
     unknown = sorted(set(tier_options) - _TIER_OPTIONS)
     if unknown:
         raise InputError(f"unknown load option {unknown[0]!r}")
+    if draft_k < 1:
+        raise InputError(f"draft_k={draft_k} must be >= 1")
     options = TierOptions(**{k: v for k, v in tier_options.items() if v is not None})
+    draft = load(draft_model, ctx_size=ctx_size) if draft_model else None
     model_file = ModelFile(path)
     try:
-        return Engine(model_file, ctx_size=ctx_size, tier_options=options, progress=progress)
+        engine = Engine(model_file, ctx_size=ctx_size, tier_options=options, progress=progress)
     except NTransformerError:
         model_file.close()
         raise
+    if draft is not None:
+        check_compatible(engine, draft)
+        engine.draft, engine.draft_k = draft, draft_k
+    return engine
