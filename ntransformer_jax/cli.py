@@ -38,6 +38,8 @@ flags.DEFINE_enum("streaming", "pipeline", ["pipeline", "mmap"],
                   "How non-resident layers move: prefetching pipeline, or the naive synchronous mmap baseline.")
 flags.DEFINE_integer("prefetch_depth", 2, "Streamed layers in flight ahead of the one computing.")
 flags.DEFINE_boolean("benchmark", False, "Print per-token timing: compute, waits on copies and disk, bytes per tier.")
+flags.DEFINE_string("draft_model", None, "Smaller GGUF with the same vocabulary for speculative decoding.")
+flags.DEFINE_integer("draft_k", 4, "Tokens drafted per speculative round.")
 flags.DEFINE_string("batch_file", None, "Generate for every line of this file together (one prompt a line); "
                     "the answers print in order, separated by lines of '---'.")
 flags.DEFINE_boolean("chat", False, "Chat using the model's chat template: read messages after a '> ' "
@@ -201,11 +203,19 @@ def _progress_bar():
         yield None
         return
     from tqdm import tqdm
-    with tqdm(desc="placing layers", unit="B", unit_scale=True, file=sys.stderr, leave=False) as bar:
-        def update(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    bars = []    # made at the first call, when the total is known
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc="placing layers", total=total, unit="B", unit_scale=True,
+                             file=sys.stderr, leave=False))
+        bars[0].update(done - bars[0].n)
+
+    try:
         yield update
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _inspect(path: str) -> None:
@@ -281,7 +291,8 @@ def main(argv: list[str]) -> None:
             engine = load(path, ctx_size=FLAGS.ctx_size or None, vram_budget_gb=FLAGS.vram_budget_gb,
                           ram_budget_gb=FLAGS.ram_budget_gb, max_vram_layers=FLAGS.max_vram_layers,
                           max_ram_layers=FLAGS.max_ram_layers, streaming=FLAGS.streaming,
-                          prefetch_depth=FLAGS.prefetch_depth, progress=progress)
+                          prefetch_depth=FLAGS.prefetch_depth, progress=progress,
+                          draft_model=FLAGS.draft_model, draft_k=FLAGS.draft_k)
         if engine.layered:
             logging.warning("placement: %s", engine.plan.summary())
         if FLAGS.chat:
@@ -307,6 +318,11 @@ def main(argv: list[str]) -> None:
             _print_summary(engine)
         if FLAGS.benchmark:
             _print_benchmark(engine)
+        if engine.draft is not None and engine.spec_stats.rounds:
+            s = engine.spec_stats
+            print(f"speculative: {s.rounds} rounds, acceptance {s.acceptance_rate:.2f} "
+                  f"({s.accepted}/{s.drafted} drafted tokens), {s.tokens_per_round:.2f} tokens per target pass",
+                  file=sys.stderr)
     except (InputError, ModelFileError) as e:
         _fail(str(e), EXIT_INPUT)
     except NTransformerError as e:
