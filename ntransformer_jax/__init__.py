@@ -2,8 +2,8 @@
 
 Public API:
   load(path, *, ctx_size=None, **tier_options) -> Engine
-  Engine: .config, .tokenize, .detokenize, .logits, .generate
-  SamplingParams, LlamaConfig, NTransformerError (and its subclasses)
+  Engine: .config, .placement, .tokenize, .detokenize, .logits, .generate, .generate_batch, .chat
+  SamplingParams, TierOptions, ChatSession, LlamaConfig, NTransformerError (and its subclasses)
   default_model_path()
 
 Names are imported on first use, so `import ntransformer_jax` stays cheap.
@@ -17,6 +17,8 @@ _EXPORTS = {
     "LlamaConfig": "model_file",
     "default_model_path": "models",
     "SamplingParams": "sampling",
+    "TierOptions": "tiers",
+    "ChatSession": "chat",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
