@@ -26,8 +26,9 @@ from ntransformer_jax.errors import InputError, ModelFileError, NTransformerErro
 from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, TensorInfo
 from ntransformer_jax.sampling import SamplingParams, sample
 from ntransformer_jax.speculative import SpeculativeStats, check_compatible, speculative_tokens
-from ntransformer_jax.tiers import (ALIGN, LayerSource, Streamer, TierOptions, available_ram,
-                                    free_device_memory, open_reader, plan_placement)
+from ntransformer_jax.placement import layer_span, plan_for, staging_bytes
+from ntransformer_jax.tiers import (LayerSource, Streamer, TierOptions, available_ram, free_device_memory,
+                                    open_reader)
 from ntransformer_jax.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -104,15 +105,6 @@ def _layer_from_arrays(parts: dict) -> M.LayerWeights:
     return M.LayerWeights(**out)
 
 
-def _layer_span(f: ModelFile, i: int) -> tuple[int, int]:
-    """(offset, length) of the smallest ALIGN-aligned file range holding layer i's tensors."""
-    infos = [f.layer_tensor(i, s) for s in LAYER_TENSORS]
-    start = min(t.offset for t in infos) // ALIGN * ALIGN
-    end = max(t.offset + t.n_bytes for t in infos)
-    end = -(-end // ALIGN) * ALIGN     # may pass the end of the file; the reader stops there
-    return start, end - start
-
-
 def _layer_from_staging(f: ModelFile, i: int, span_start: int, buf: np.ndarray) -> M.LayerWeights:
     """Layer i as numpy views into a staging buffer holding the file from `span_start`."""
     parts = {}
@@ -172,36 +164,13 @@ class Engine:
                                            _to_host_array(self.model_file.layer_tensor(i, short)))
                                    for short in LAYER_TENSORS})
 
-    def _layer_nbytes(self, i: int) -> int:
-        return sum(self.model_file.layer_tensor(i, s).n_bytes for s in LAYER_TENSORS)
-
-    def _device_working_set(self) -> dict:
-        """Device bytes needed besides the layers: KV cache, globals, compute workspace."""
-        cfg, f = self.config, self.model_file
-        cache = 2 * cfg.n_layers * self.ctx_size * cfg.kv_dim * 4
-        glob = f.tensor("token_embd.weight").n_bytes + f.tensor("output_norm.weight").n_bytes
-        if not cfg.tied_output:
-            glob += f.tensor("output.weight").n_bytes
-        # The XLA path dequantizes a matrix (or a row chunk of a big one) to float32 before its
-        # matmul: room for two of those, plus prefill activations and logits of one chunk.
-        biggest = min(max(cfg.n_ff * cfg.n_embd, cfg.n_vocab * cfg.n_embd), M.LINEAR_CHUNK_ELEMS)
-        chunk = MAX_PREFILL_CHUNK
-        acts = chunk * (3 * cfg.n_ff + 4 * cfg.n_embd + cfg.n_vocab) * 4 + chunk * chunk * cfg.n_head * 4
-        return {"kv_cache": cache, "globals": glob, "workspace": 2 * biggest * 4 + acts}
-
     def _load_weights(self) -> None:
         f, cfg, opts = self.model_file, self.config, self.tier_options
-        layer_bytes = [self._layer_nbytes(i) for i in range(cfg.n_layers)]
-        spans = [_layer_span(f, i) for i in range(cfg.n_layers)]
-        staging = max(length for _, length in spans) + 2 * ALIGN
-        self.plan = plan_placement(layer_bytes, self._device_working_set(), staging, opts,
-                                   free_device_memory(self.device), available_ram(),
-                                   slot_bytes=max(layer_bytes))
-        if opts.streaming == "mmap":
-            # The naive baseline: no host tier, every non-resident layer read from the map on use.
-            self.plan = dataclasses.replace(
-                self.plan, tiers=tuple("vram" if t == "vram" else "disk" for t in self.plan.tiers),
-                host_working_set={})
+        self.plan = plan_for(f, self.ctx_size, opts, free_device_memory(self.device), available_ram(),
+                             prefill_chunk=MAX_PREFILL_CHUNK)
+        layer_bytes = list(self.plan.layer_bytes)
+        spans = [layer_span(f, i) for i in range(cfg.n_layers)]
+        staging = staging_bytes(spans)
         self.placement = list(self.plan.tiers)
         self.layered = opts.tiered or opts.streaming == "mmap" or any(t != "vram" for t in self.placement)
         total = sum(layer_bytes)

@@ -453,7 +453,8 @@ class Streamer:
 
     def computed(self, marker) -> None:
         """Record the output of a streamed layer's compute (its slot frees when it is ready)."""
-        self._done_markers.append(marker)
+        if not self.mmap:    # mmap copies are synchronous: nothing waits on the markers there
+            self._done_markers.append(marker)
 
     def close(self) -> None:
         if self._closed:
