@@ -143,7 +143,13 @@ class Engine:
         self.draft_k = 4
         self.spec_stats = SpeculativeStats()
         self._load_weights()
-        self._caches = self._new_caches()
+        try:
+            self._caches = self._new_caches()
+        except jax.errors.JaxRuntimeError as err:
+            cfg = self.config
+            need = 2 * cfg.n_layers * self.ctx_size * cfg.kv_dim * 4
+            raise NTransformerError(f"cannot allocate the KV cache for ctx_size={self.ctx_size} "
+                                    f"({need / 1e9:.2f} GB): {str(err).splitlines()[0][:120]}") from None
         self._cached: list[int] = []
         self.last_stats = GenerationStats()
 

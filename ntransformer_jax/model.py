@@ -98,9 +98,13 @@ def init_kv_cache(cfg: LlamaConfig, batch: int, ctx: int, dtype=jnp.float32) -> 
 def rope_inv_freq(cfg: LlamaConfig, freq_factors: np.ndarray | None) -> np.ndarray:
     """Angular frequency of each rotated pair: base^(-2i/n_rot) * freq_scale / factor_i (float32)."""
     i = np.arange(cfg.n_rot // 2, dtype=np.float64)
-    inv = cfg.rope_freq_scale * cfg.rope_base ** (-2.0 * i / cfg.n_rot)
-    if freq_factors is not None:
-        inv = inv / np.asarray(freq_factors, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        inv = cfg.rope_freq_scale * cfg.rope_base ** (-2.0 * i / cfg.n_rot)
+        if freq_factors is not None:
+            inv = inv / np.asarray(freq_factors, dtype=np.float64)
+    if not (np.all(np.isfinite(inv)) and np.all(np.abs(inv) < np.finfo(np.float32).max)):
+        from ntransformer_jax.errors import ModelFileError
+        raise ModelFileError("rope frequencies are not finite (check rope.freq_base and rope_freqs.weight)")
     return inv.astype(np.float32)
 
 

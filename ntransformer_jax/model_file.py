@@ -1,13 +1,16 @@
 """Opening a GGUF Llama file: validation, the model config, and the tensor index.
 
-The file is memory-mapped through `gguf.GGUFReader`; tensor bytes are numpy views of the map and
-are only read when a tier copies them. Every problem with the file raises `ModelFileError` with a
-one-line message that names the file and the offending key or tensor.
+The file is memory-mapped and its header, metadata and tensor infos parsed here (not by
+`gguf.GGUFReader`, which trusts every count in the file); tensor bytes are numpy views of the map
+and are only read when a tier copies them. Every problem with the file raises `ModelFileError`
+with a one-line message that names the file and the offending key or tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import mmap
 import os
 import struct
 from typing import Any, Mapping
@@ -17,7 +20,6 @@ import numpy as np
 
 from ntransformer_jax import quants
 from ntransformer_jax.errors import ModelFileError
-from ntransformer_jax.metadata import read_metadata
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -190,29 +192,233 @@ class TensorInfo:
     data: np.ndarray         # uint8 view of the memory map, shape [rows, row_bytes] or [row_bytes]
 
 
-def _check_header(path: str) -> None:
+# ---------------------------------------------------------------------------------------------
+# The GGUF container, parsed defensively
+# ---------------------------------------------------------------------------------------------
+# Layout (little-endian): magic "GGUF", uint32 version, uint64 tensor count, uint64 key/value
+# count; the key/value pairs (string key, uint32 value type, value); the tensor infos (string
+# name, uint32 n_dims, uint64 dims[n_dims] ne0 first, uint32 ggml type, uint64 offset from the
+# data start); padding to `general.alignment`; the tensor data. A string is a uint64 length and
+# that many UTF-8 bytes; an array is a uint32 item type, a uint64 count and the items.
+#
+# `gguf.GGUFReader` trusts every count and length in a file: an absurd array count makes it loop
+# for hours, a bad string or type id raises whatever Python raises. So the file is parsed here,
+# checking each count and length against the bytes that remain before reading it, so that any
+# file either opens or raises ModelFileError quickly. Numeric arrays are read as one numpy view.
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64          # tensor names are shorter (ggml stores them NUL-terminated)
+DEFAULT_ALIGNMENT = 32
+_HEADER_BYTES = 24
+_MIN_KV_BYTES = 8 + 4 + 1                  # empty key, type, 1-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+
+_VT = gguf.GGUFValueType
+_SCALAR_DTYPES: dict[int, np.dtype] = {
+    _VT.UINT8: np.dtype("<u1"), _VT.INT8: np.dtype("<i1"), _VT.UINT16: np.dtype("<u2"),
+    _VT.INT16: np.dtype("<i2"), _VT.UINT32: np.dtype("<u4"), _VT.INT32: np.dtype("<i4"),
+    _VT.FLOAT32: np.dtype("<f4"), _VT.BOOL: np.dtype("?"), _VT.UINT64: np.dtype("<u8"),
+    _VT.INT64: np.dtype("<i8"), _VT.FLOAT64: np.dtype("<f8"),
+}
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    """repr() of a value read from a file, cut to one short line for an error message."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _Cursor:
+    """Reads GGUF fields from a buffer, refusing any read that would pass its end."""
+
+    def __init__(self, buf: mmap.mmap, name: str):
+        self.buf = buf
+        self.size = len(buf)
+        self.pos = 0
+        self.name = name
+
+    def fail(self, what: str) -> ModelFileError:
+        return ModelFileError(f"corrupt GGUF file {self.name}: {what}")
+
+    def need(self, n: int, what: str) -> int:
+        """Reserve `n` bytes at the cursor; returns their offset."""
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} at byte {self.pos} needs {n} bytes but the file ends at "
+                            f"byte {self.size} (truncated?)")
+        pos = self.pos
+        self.pos += n
+        return pos
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from("<I", self.buf, self.need(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from("<Q", self.buf, self.need(8, what))[0]
+
+    def raw_string(self, what: str) -> bytes:
+        n = self.u64(f"length of {what}")
+        pos = self.need(n, f"{what} of {n} bytes")
+        return self.buf[pos:pos + n]
+
+    def text(self, what: str) -> str:
+        """A string that must be valid UTF-8 (a key or tensor name)."""
+        pos = self.pos
+        try:
+            return self.raw_string(what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} at byte {pos} is not valid UTF-8") from None
+
+    def value(self, vtype: int, key: str) -> Any:
+        """One metadata value, as `metadata.read_metadata` returns it."""
+        if vtype == _VT.STRING:
+            return self.raw_string(f"string value of {key!r}").decode("utf-8", errors="replace")
+        dtype = _SCALAR_DTYPES.get(vtype)
+        if dtype is not None:
+            pos = self.need(dtype.itemsize, f"value of {key!r}")
+            value = np.frombuffer(self.buf, dtype, 1, pos)[0]
+            return bool(value) if vtype == _VT.BOOL else value.item()
+        if vtype != _VT.ARRAY:
+            raise self.fail(f"metadata key {key!r} has unknown value type {vtype}")
+        item_type = self.u32(f"array type of {key!r}")
+        count = self.u64(f"array length of {key!r}")
+        if item_type == _VT.STRING:
+            if count * 8 > self.size - self.pos:
+                raise self.fail(f"metadata key {key!r}: {count} strings cannot fit in the "
+                                f"{self.size - self.pos} bytes left (truncated?)")
+            return [self.raw_string(f"string {i} of {key!r}").decode("utf-8", errors="replace")
+                    for i in range(count)]
+        dtype = _SCALAR_DTYPES.get(item_type)
+        if dtype is None:
+            what = "arrays of arrays" if item_type == _VT.ARRAY else f"array item type {item_type}"
+            raise self.fail(f"metadata key {key!r}: {what} not supported")
+        if count * dtype.itemsize > self.size - self.pos:
+            raise self.fail(f"metadata key {key!r}: {count} items of {dtype.itemsize} bytes cannot "
+                            f"fit in the {self.size - self.pos} bytes left (truncated?)")
+        pos = self.need(count * dtype.itemsize, f"array {key!r}")
+        # A read-only view of the map: no copy, whatever the count says.
+        return np.frombuffer(self.buf, dtype.newbyteorder("<"), count, pos)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorEntry:
+    name: str
+    qtype: gguf.GGMLQuantizationType
+    ne: tuple[int, ...]     # ggml order, ne0 first
+    offset: int             # from the start of the data section
+    n_bytes: int
+
+
+def _read_tensor_entry(cur: _Cursor, index: int) -> _TensorEntry:
+    name = cur.text(f"name of tensor {index}")
+    if len(name.encode("utf-8")) >= GGML_MAX_NAME:
+        raise cur.fail(f"tensor {index} name {_short_repr(name)} is longer than "
+                       f"{GGML_MAX_NAME - 1} bytes")
+    n_dims = cur.u32(f"dimension count of tensor {name!r}")
+    if not 1 <= n_dims <= GGML_MAX_DIMS:
+        raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {GGML_MAX_DIMS} allowed)")
+    ne = tuple(cur.u64(f"shape of tensor {name!r}") for _ in range(n_dims))
+    type_id = cur.u32(f"type of tensor {name!r}")
+    offset = cur.u64(f"data offset of tensor {name!r}")
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise cur.fail(f"tensor {name!r} has unknown type id {type_id}") from None
+    if any(x == 0 or x >= 1 << 63 for x in ne):
+        raise cur.fail(f"tensor {name!r} has invalid shape {list(ne)}")
+    if ne[0] % block_size:
+        raise cur.fail(f"tensor {name!r} rows of {ne[0]} elements are not a whole number of "
+                       f"{qtype.name} blocks of {block_size}")
+    n_bytes = math.prod(ne) // block_size * type_size
+    return _TensorEntry(name, qtype, ne, offset, n_bytes)
+
+
+def _parse_gguf(buf: mmap.mmap, name: str) -> tuple[dict[str, Any], list[_TensorEntry], int]:
+    """Parse the header, metadata and tensor infos of a GGUF file held in `buf`.
+
+    Returns:
+      (metadata, tensor entries, byte offset of the data section).
+    Raises:
+      ModelFileError: anything malformed; the message names the file and the field.
+    """
+    cur = _Cursor(buf, name)
+    cur.need(_HEADER_BYTES, "header")
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    # Reject impossible counts before walking them.
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > cur.size - _HEADER_BYTES:
+        raise cur.fail(f"{n_kv} metadata keys and {n_tensors} tensors cannot fit in "
+                       f"{cur.size} bytes (truncated?)")
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.text(f"metadata key {i}")
+        vtype = cur.u32(f"value type of {key!r}")
+        if key in metadata:
+            raise cur.fail(f"metadata key {key!r} appears twice")
+        metadata[key] = cur.value(vtype, key)
+    entries, seen = [], set()
+    for i in range(n_tensors):
+        entry = _read_tensor_entry(cur, i)
+        if entry.name in seen:
+            raise cur.fail(f"tensor {entry.name!r} appears twice")
+        seen.add(entry.name)
+        entries.append(entry)
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1)
+            or alignment >= 1 << 32):
+        raise cur.fail(f"general.alignment={_short_repr(alignment)} must be a power of two")
+    data_start = -(-cur.pos // alignment) * alignment
+    for entry in entries:
+        if entry.offset % alignment:
+            raise cur.fail(f"tensor {entry.name!r} data offset {entry.offset} is not a multiple "
+                           f"of the alignment {alignment}")
+        end = data_start + entry.offset + entry.n_bytes
+        if end > cur.size:
+            raise ModelFileError(f"{name}: tensor {entry.name!r} data ends at byte {end}, past "
+                                 f"the end of the file ({cur.size} bytes; truncated?)")
+    return metadata, entries, data_start
+
+
+def _open_checked(path: str) -> mmap.mmap:
+    """Memory-map `path` after checking that it exists, is a file and starts like a GGUF file."""
     if not os.path.exists(path):
         raise ModelFileError(f"model file not found: {path}")
     if os.path.isdir(path):
         raise ModelFileError(f"model path is a directory, not a GGUF file: {path}")
-    size = os.path.getsize(path)
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model path is not a regular file: {path}")
     try:
         with open(path, "rb") as f:
-            head = f.read(24)
+            head = f.read(_HEADER_BYTES)
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ModelFileError(f"model file is empty: {path}")
+            if head[:4] != GGUF_MAGIC:
+                raise ModelFileError(f"not a GGUF file (bad magic {head[:4]!r}): {path}")
+            if len(head) < _HEADER_BYTES:
+                raise ModelFileError(f"truncated GGUF header ({size} bytes): {path}")
+            version = struct.unpack_from("<I", head, 4)[0]
+            if version not in GGUF_VERSIONS:
+                swapped = struct.unpack_from(">I", head, 4)[0]
+                hint = " (a big-endian file?)" if swapped in GGUF_VERSIONS else ""
+                raise ModelFileError(f"unsupported GGUF version {version}{hint} (supported: "
+                                     f"{', '.join(map(str, GGUF_VERSIONS))}): {path}")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
-        raise ModelFileError(f"cannot read model file {path}: {e.strerror}") from e
-    if len(head) < 4 or head[:4] != b"GGUF":
-        raise ModelFileError(f"not a GGUF file (bad magic {head[:4]!r}): {path}")
-    if len(head) < 24:
-        raise ModelFileError(f"truncated GGUF header ({size} bytes): {path}")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise ModelFileError(f"unsupported GGUF version {version} (supported: 2, 3): {path}")
-    # Every KV pair takes >= 12 bytes and every tensor info >= 28: reject impossible counts
-    # before the reader tries to walk them.
-    if n_kv * 12 + n_tensors * 28 > size:
-        raise ModelFileError(f"truncated or corrupt GGUF header ({n_kv} keys, {n_tensors} tensors "
-                             f"cannot fit in {size} bytes): {path}")
+        raise ModelFileError(f"cannot read model file {path}: {e.strerror or e}") from None
+
+
+def _float_values(info: TensorInfo) -> np.ndarray | None:
+    """The values of an F32/F16/BF16 tensor as a flat float32 array; None for other types."""
+    raw = info.data.reshape(-1)
+    if info.qtype == gguf.GGMLQuantizationType.F32:
+        return raw.view("<f4").astype(np.float32)
+    if info.qtype == gguf.GGMLQuantizationType.F16:
+        return raw.view("<f2").astype(np.float32)
+    if info.qtype == gguf.GGMLQuantizationType.BF16:
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    return None
 
 
 class ModelFile:
@@ -220,51 +426,41 @@ class ModelFile:
 
     Attributes:
       path: the file path.
-      metadata: all key/value metadata as Python values.
+      metadata: all key/value metadata as Python values (as `metadata.read_metadata` gives them).
       config: the `LlamaConfig`.
       tensors: name -> `TensorInfo`.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
+        """Open and validate `path`.
+
+        Raises:
+          ModelFileError: the file is missing, unreadable, corrupt, or not a supported Llama
+            model; the one-line message names the file and the key or tensor at fault.
+        """
         self.path = os.fspath(path)
-        _check_header(self.path)
-        try:
-            reader = gguf.GGUFReader(self.path)
-        except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError,
-                UnicodeDecodeError, struct.error) as e:
-            raise ModelFileError(f"corrupt GGUF file {self.path}: {e}") from None
-        self._reader = reader
-        name = os.path.basename(self.path)
-        try:
-            self.metadata = read_metadata(reader)
-        except (ValueError, IndexError, TypeError) as e:
-            raise ModelFileError(f"corrupt GGUF metadata in {self.path}: {e}") from None
-        file_size = os.path.getsize(self.path)
+        self.name = os.path.basename(self.path)
+        self._buffer = buf = _open_checked(self.path)
+        self.metadata, entries, data_start = _parse_gguf(buf, self.name)
         self.tensors: dict[str, TensorInfo] = {}
-        for t in reader.tensors:
-            try:
-                qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
-            except ValueError:
-                raise ModelFileError(f"{name}: tensor {t.name!r} has unknown type id {int(t.tensor_type)}") from None
-            ne = tuple(int(x) for x in t.shape)
-            if any(x <= 0 for x in ne):
-                raise ModelFileError(f"{name}: tensor {t.name!r} has invalid shape {ne}")
-            offset = int(t.data_offset)
-            n_bytes = int(t.n_bytes)
-            if offset + n_bytes > file_size:
-                raise ModelFileError(f"{name}: tensor {t.name!r} data ends at byte {offset + n_bytes}, "
-                                     f"past the end of the file ({file_size} bytes)")
-            self.tensors[t.name] = TensorInfo(
-                name=t.name, qtype=qtype, shape=tuple(reversed(ne)), offset=offset,
-                n_bytes=n_bytes, data=t.data)
-        ggml_shapes = {n: tuple(reversed(t.shape)) for n, t in self.tensors.items()}
-        self.config = LlamaConfig.from_metadata(self.metadata, ggml_shapes, source=name)
-        self._validate_tensors(name)
+        for e in entries:
+            shape = tuple(reversed(e.ne))                 # numpy order
+            offset = data_start + e.offset
+            data = np.frombuffer(buf, np.uint8, e.n_bytes, offset)
+            self.tensors[e.name] = TensorInfo(
+                name=e.name, qtype=e.qtype, shape=shape, offset=offset, n_bytes=e.n_bytes,
+                data=data.reshape(shape[:-1] + (e.n_bytes // math.prod(shape[:-1]),)))
+        ggml_shapes = {e.name: e.ne for e in entries}
+        self.config = LlamaConfig.from_metadata(self.metadata, ggml_shapes, source=self.name)
+        self._validate_tensors(self.name)
 
     def _validate_tensors(self, name: str) -> None:
         cfg = self.config
         for pattern, ggml_shape in cfg.expected_shapes().items():
-            names = ([pattern.format(i=i) for i in range(cfg.n_layers)] if "{i}" in pattern else [pattern])
+            # A generator: an absurd block_count fails at the first missing layer, not after
+            # building billions of names.
+            names = ((pattern.format(i=i) for i in range(cfg.n_layers)) if "{i}" in pattern
+                     else [pattern])
             for tname in names:
                 info = self.tensors.get(tname)
                 if info is None:
@@ -273,8 +469,21 @@ class ModelFile:
                 if info.shape != want:
                     raise ModelFileError(f"{name}: tensor {tname!r} has shape {list(reversed(info.shape))} "
                                          f"but the metadata implies {list(ggml_shape)}")
-                quants.check_supported(info.qtype, tname)
-                quants.row_bytes(info.qtype, info.shape[-1])
+                try:
+                    quants.check_supported(info.qtype, tname)
+                    quants.row_bytes(info.qtype, info.shape[-1])
+                except ModelFileError as e:
+                    raise ModelFileError(f"{name}: {e}") from None
+        if cfg.has_rope_freqs:
+            # A handful of numbers that divide the RoPE frequencies: check them here, where a
+            # bad one is still a clear message rather than infinities in every logit.
+            factors = _float_values(self.tensors["rope_freqs.weight"])
+            if factors is None:
+                raise ModelFileError(f"{name}: tensor 'rope_freqs.weight' must be F32, F16 or BF16, "
+                                     f"not {self.tensors['rope_freqs.weight'].qtype.name}")
+            if not np.all(np.isfinite(factors) & (factors > 0)):
+                raise ModelFileError(f"{name}: tensor 'rope_freqs.weight' holds a factor that is not a "
+                                     f"positive finite number")
 
     def tensor(self, name: str) -> TensorInfo:
         return self.tensors[name]
@@ -288,5 +497,5 @@ class ModelFile:
 
     def close(self) -> None:
         """Drop the memory map (tensor views taken earlier stay valid until released)."""
-        self._reader = None
+        self._buffer = None
         self.tensors = {}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -258,6 +259,13 @@ _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 # ---------------------------------------------------------------------------------------------
 
 
+def _byte_token_value(text: str) -> int:
+    """The byte a BYTE-type token like <0x0A> stands for."""
+    if not re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+        raise ModelFileError(f"byte token {text[:20]!r} is not of the form <0xHH>")
+    return int(text[3:5], 16)
+
+
 def _optional_id(metadata: Mapping[str, Any], key: str, n_vocab: int, default: int | None) -> int | None:
     """A token id key; llama.cpp keeps the default when the key is absent or out of range."""
     if default is not None and not 0 <= default < n_vocab:
@@ -267,8 +275,8 @@ def _optional_id(metadata: Mapping[str, Any], key: str, n_vocab: int, default: i
         return default
     try:
         value = int(value)
-    except (TypeError, ValueError):
-        raise ModelFileError(f"{key}={value!r} is not a token id") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ModelFileError(f"{key}={str(value)[:40]} is not a token id") from None
     return value if 0 <= value < n_vocab else default
 
 
@@ -584,7 +592,7 @@ class Tokenizer:
                 return text.replace(_SPM_SPACE, " ").encode("utf-8")
             return _byte_level_decode(text)
         if attr & _Attr.BYTE:
-            return bytes([int(text[3:5], 16)])
+            return bytes([_byte_token_value(text)])
         return b""
 
     def __repr__(self) -> str:
