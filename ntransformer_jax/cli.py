@@ -294,7 +294,7 @@ def main(argv: list[str]) -> None:
                           prefetch_depth=FLAGS.prefetch_depth, progress=progress,
                           draft_model=FLAGS.draft_model, draft_k=FLAGS.draft_k)
         if engine.layered:
-            logging.warning("placement: %s", engine.plan.summary())
+            print(f"placement: {engine.plan.summary()}", file=sys.stderr)
         if FLAGS.chat:
             _chat(engine)
             return

@@ -389,6 +389,8 @@ class Streamer:
             except OSError as e:
                 raise StreamingError(f"cannot read layer {layer} from {self.reader.path}: "
                                      f"{e.strerror or e}") from None
+            except StreamingError as e:
+                raise StreamingError(f"layer {layer}: {e}") from None
             self.stats.disk_read_s += time.perf_counter() - t
             host = src.build(buf)
             if self._aliases_host:

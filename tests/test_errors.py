@@ -223,3 +223,39 @@ def test_parser_matches_gguf_reader(valid, smollm_path):
             assert (info.qtype, info.offset, info.n_bytes) == (t.tensor_type, t.data_offset, t.n_bytes)
             assert info.shape == tuple(reversed([int(x) for x in t.shape]))
             assert np.asarray(t.data).tobytes() == info.data.tobytes()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--vram_budget_gb", "-1"], "vram_budget_gb=-1"),
+    (["--ram_budget_gb", "-3"], "ram_budget_gb=-3"),
+    (["--max_vram_layers", "-1"], "max_vram_layers=-1"),
+    (["--vram_budget_gb", "0.0001"], "minimum is"),
+    (["--vram_budget_gb", "1", "--max_vram_layers", "0", "--ram_budget_gb", "0.0000001"], "minimum is"),
+])
+def test_cli_bad_budgets(args, needle, valid):
+    r = run_cli("--model", valid, *BASE_ARGS, *args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert needle in error_line(r)
+
+
+def test_cli_file_truncated_while_streaming(valid, tmp_path):
+    """All layers on disk; the file is cut after the first streamed text: one error line naming
+    the file, exit 1, no hang."""
+    import shutil
+    import time
+    path = str(tmp_path / "streamed.gguf")
+    shutil.copy(valid, path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ntransformer_jax", "--model", path, "--prompt", "hi", "--n_predict", "3000",
+         "--ctx_size", "3100", "--temperature", "0", "--max_vram_layers", "0", "--max_ram_layers", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc.stdout.read(1)                     # generation has started
+    os.truncate(path, 4096)
+    t = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - t < 60
+    assert proc.returncode == 1, (proc.returncode, err)
+    lines = [l for l in err.splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("error:")]
+    assert len(errors) == 1 and "streamed.gguf" in errors[0] and "layer " in errors[0], err
+    assert "Traceback" not in err
