@@ -215,6 +215,12 @@ class Engine:
             output=output,
             rope_inv_freq=jax.device_put(M.rope_inv_freq(cfg, factors), self.device),
         )
+        if self.device.platform != "cpu":
+            # Everything placed is now a copy (device or pinned host): drop the file pages this
+            # process touched from its RSS. (On CPU the arrays may alias the map: keep it.)
+            jax.block_until_ready(jax.tree_util.tree_leaves((self.globals, getattr(self, "resident", {}),
+                                                             getattr(self, "segments", ()))))
+            f.release_pages()
 
     def _load_resident_segments(self, layer_bytes: list[int]) -> None:
         # Consecutive layers with the same weight signature (types and shapes) form a segment,

@@ -495,6 +495,15 @@ class ModelFile:
     def file_size(self) -> int:
         return os.path.getsize(self.path)
 
+    def release_pages(self) -> None:
+        """Tell the kernel this process no longer needs the mapped pages it touched (they stay in
+        the page cache, but leave this process's RSS); later reads of the map fault them back."""
+        if self._buffer is not None and hasattr(self._buffer, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._buffer.madvise(mmap.MADV_DONTNEED)
+            except OSError:
+                pass   # advisory only
+
     def close(self) -> None:
         """Drop the memory map (tensor views taken earlier stay valid until released)."""
         self._buffer = None
