@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import ntransformer_jax as nt  # noqa: E402
 from reference import Float64Llama, compare_logits  # noqa: E402
+from ceilings import hbm_read_gbps  # noqa: E402
 
 flags.DEFINE_list("models", [], "GGUF files for the logits check.")
 flags.DEFINE_string("smollm", None, "SmolLM2 GGUF for the logits check and decode speed.")
@@ -32,20 +33,6 @@ flags.DEFINE_string("out", None, "Folder for results.json.")
 flags.DEFINE_integer("n_tokens", 128, "Tokens to decode for the speed figure.")
 flags.DEFINE_integer("repeats", 3, "Timed decode repeats.")
 FLAGS = flags.FLAGS
-
-
-def hbm_read_gbps(n_bytes: int = 4 << 30) -> float:
-    """Read bandwidth of a jitted reduction over a large float32 array (GB/s)."""
-    x = jnp.ones((n_bytes // 4,), jnp.float32) * jnp.float32(1.0001)
-    f = jax.jit(lambda a: jnp.sum(a))
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    del x
-    return n_bytes / statistics.median(times) / 1e9
 
 
 def logits_check(path: str, n: int = 64) -> dict:

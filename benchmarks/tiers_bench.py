@@ -26,6 +26,7 @@ from absl import app, flags
 from jax.sharding import SingleDeviceSharding
 
 import ntransformer_jax as nt
+from ceilings import disk_read_gbps, drop_caches, h2d_gbps, hbm_read_gbps
 from ntransformer_jax import synth
 
 flags.DEFINE_string("model", None, "Existing GGUF file (else a synthetic one is written).")
@@ -44,48 +45,6 @@ flags.DEFINE_list("then_quants", [], "After the first model, delete it and run t
 flags.DEFINE_string("single", None, "Internal: run one configuration (JSON) in this process and print JSON.")
 flags.DEFINE_string("out", None, "Folder for JSON.")
 FLAGS = flags.FLAGS
-
-
-def h2d_gbps(n_bytes: int = 2 << 30) -> float:
-    dev = jax.devices()[0]
-    host = jax.device_put(np.ones(n_bytes, np.uint8), SingleDeviceSharding(dev, memory_kind="pinned_host"))
-    jax.block_until_ready(host)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        jax.block_until_ready(jax.device_put(host, SingleDeviceSharding(dev, memory_kind="device")))
-        times.append(time.perf_counter() - t)
-    return n_bytes / statistics.median(times) / 1e9
-
-
-def hbm_gbps(n_bytes: int = 4 << 30) -> float:
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    f = jax.jit(jnp.sum)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return n_bytes / statistics.median(times) / 1e9
-
-
-def drop_caches() -> None:
-    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
-
-
-def cold_read_gbps(path: str, n_bytes: int = 8 << 30, threads: int = 8) -> float:
-    """O_DIRECT reads of 16 MiB on `threads` threads after dropping the page cache."""
-    from ntransformer_jax.tiers import PosixReader, alloc_staging
-    drop_caches()
-    n_bytes = min(n_bytes, os.path.getsize(path) // 4096 * 4096)
-    buf = alloc_staging(n_bytes)
-    reader = PosixReader(path, threads, o_direct=True)
-    t = time.perf_counter()
-    reader.read_into(buf, 0)
-    dt = time.perf_counter() - t
-    reader.close()
-    return n_bytes / dt / 1e9
 
 
 def rss_gb() -> float:
@@ -178,7 +137,7 @@ def main(argv):
     dev = jax.devices()[0]
     res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=dev.device_kind)
     res["h2d_gbps"] = h2d_gbps()
-    res["hbm_gbps"] = hbm_gbps()
+    res["hbm_gbps"] = hbm_read_gbps()
     print(json.dumps(res), flush=True)
     path = FLAGS.model
     if path is None:
@@ -189,7 +148,7 @@ def main(argv):
             synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], FLAGS.quant, seed=0)
             res["write_s"] = time.perf_counter() - t
     res["file_gb"] = os.path.getsize(path) / 1e9
-    res["cold_read_gbps"] = cold_read_gbps(path)
+    res["cold_read_gbps"] = disk_read_gbps(path, cold=True)
     print(json.dumps(res), flush=True)
     res["runs"] = []
 

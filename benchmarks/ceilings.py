@@ -1,0 +1,109 @@
+"""Hardware ceilings measured on the machine at hand, for the figures the other benchmarks report.
+
+    python benchmarks/ceilings.py [--file BIG.gguf] [--out $OUT]
+
+HBM read (jitted reduction over 4 GiB), pinned host <-> device copies (2 GiB), disk reads of a
+large file cold (page cache dropped, O_DIRECT, 8 threads) and warm, and the bf16 matmul rate.
+The other benchmark scripts import these functions so every figure sits beside its ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+
+def _median_time(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def hbm_read_gbps(n_bytes: int = 4 << 30) -> float:
+    """Read bandwidth of a jitted f32 reduction over n_bytes (GB/s)."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32) * jnp.float32(1.0001)
+    f = jax.jit(jnp.sum)
+    return n_bytes / _median_time(lambda: f(x), 10) / 1e9
+
+
+def h2d_gbps(n_bytes: int = 2 << 30) -> float:
+    """pinned_host -> device `device_put` bandwidth (GB/s)."""
+    dev = jax.devices()[0]
+    host = jax.device_put(np.ones(n_bytes, np.uint8), SingleDeviceSharding(dev, memory_kind="pinned_host"))
+    to_dev = SingleDeviceSharding(dev, memory_kind="device")
+    return n_bytes / _median_time(lambda: jax.device_put(host, to_dev), 5) / 1e9
+
+
+def d2h_gbps(n_bytes: int = 2 << 30) -> float:
+    """device -> pinned_host `device_put` bandwidth (GB/s)."""
+    dev = jax.devices()[0]
+    x = jnp.ones((n_bytes,), jnp.uint8)
+    to_host = SingleDeviceSharding(dev, memory_kind="pinned_host")
+    return n_bytes / _median_time(lambda: jax.device_put(x, to_host), 5) / 1e9
+
+
+def drop_caches() -> None:
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+
+
+def disk_read_gbps(path: str, n_bytes: int = 8 << 30, threads: int = 8, cold: bool = True) -> float:
+    """Reads of `path` into pinned staging: cold (page cache dropped, O_DIRECT) or warm."""
+    from ntransformer_jax.tiers import PosixReader, alloc_staging
+    n_bytes = min(n_bytes, os.path.getsize(path) // 4096 * 4096)
+    buf = alloc_staging(n_bytes)
+    reader = PosixReader(path, threads, o_direct=cold)
+    if cold:
+        drop_caches()
+    else:
+        reader.read_into(buf, 0)
+    t = time.perf_counter()
+    reader.read_into(buf, 0)
+    dt = time.perf_counter() - t
+    reader.close()
+    return n_bytes / dt / 1e9
+
+
+def bf16_matmul_tflops(n: int = 8192) -> float:
+    """Dense bf16 n x n x n matmul rate on random data (TFLOP/s)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), jnp.bfloat16)
+    b = jax.random.normal(k2, (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    return 2 * n ** 3 / _median_time(lambda: f(a, b), 10) / 1e12
+
+
+def main() -> None:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--file", help="a large file for the disk figures")
+    p.add_argument("--out", help="folder for ceilings.json")
+    args = p.parse_args()
+    dev = jax.devices()[0]
+    res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=dev.device_kind,
+               hbm_read_gbps=hbm_read_gbps(), h2d_gbps=h2d_gbps(), d2h_gbps=d2h_gbps(),
+               bf16_tflops=bf16_matmul_tflops())
+    if args.file:
+        res["disk_cold_gbps"] = disk_read_gbps(args.file, cold=True)
+        res["disk_warm_gbps"] = disk_read_gbps(args.file, cold=False)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "ceilings.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps(res, indent=1))
+    print("\n" + " | ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+
+
+if __name__ == "__main__":
+    main()
