@@ -1,0 +1,87 @@
+"""llama-bench-like end-to-end figures for one GGUF file: pp (prompt tokens/s) and tg (decode tokens/s).
+
+    python benchmarks/e2e.py --model 8b-q8_0.gguf --pp 512 --tg 128 --repeats 5 --out $OUT [tier flags]
+
+Warm-up run first (compiles), then `--repeats` timed runs; reports the median and the spread
+(min, max) of each, beside the HBM ceiling measured in the same run and the weight-bytes roofline
+(one full read of the weights per decoded token). A synthetic model can be written first with
+`--shape 8b --quant Q8_0` (no --model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+import ntransformer_jax as nt
+from ceilings import hbm_read_gbps
+from ntransformer_jax import synth
+
+flags.DEFINE_string("model", None, "GGUF file (else a synthetic one from --shape/--quant).")
+flags.DEFINE_string("shape", "8b", "Synthetic shape when no --model.")
+flags.DEFINE_string("quant", "Q8_0", "Synthetic quantization when no --model.")
+flags.DEFINE_string("workdir", "/root/models", "Where the synthetic file goes.")
+flags.DEFINE_integer("pp", 512, "Prompt length for the prompt-processing figure.")
+flags.DEFINE_integer("tg", 128, "Tokens to generate for the decode figure.")
+flags.DEFINE_integer("repeats", 5, "Timed repeats.")
+flags.DEFINE_float("vram_budget_gb", None, "Tier option, as in the CLI.")
+flags.DEFINE_float("ram_budget_gb", None, "Tier option, as in the CLI.")
+flags.DEFINE_string("out", None, "Folder for e2e.json.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    path = FLAGS.model
+    if path is None:
+        os.makedirs(FLAGS.workdir, exist_ok=True)
+        path = os.path.join(FLAGS.workdir, f"synth-{FLAGS.shape}-{FLAGS.quant}.gguf")
+        if not os.path.exists(path):
+            synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], FLAGS.quant, seed=0)
+    dev = jax.devices()[0]
+    res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=dev.device_kind,
+               model=os.path.basename(path))
+    res["hbm_read_gbps"] = hbm_read_gbps() if jax.default_backend() == "gpu" else None
+    eng = nt.load(path, ctx_size=FLAGS.pp + FLAGS.tg + 16, vram_budget_gb=FLAGS.vram_budget_gb,
+                  ram_budget_gb=FLAGS.ram_budget_gb)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(10, min(eng.config.n_vocab, 30000), FLAGS.pp).tolist()
+    greedy = nt.SamplingParams(temperature=0)
+    pp, tg = [], []
+    for r in range(FLAGS.repeats + 1):
+        t = time.perf_counter()
+        jax.block_until_ready(eng._forward(np.asarray(prompt, np.int32), 0, all_logits=False))
+        pp_s = time.perf_counter() - t
+        # tg: decode after a 1-token prompt (an end-of-generation token ends it early: "tokens" says how many)
+        list(eng.generate_tokens(prompt[:1], max_new_tokens=FLAGS.tg, params=greedy))
+        st = eng.last_stats
+        if r:                                   # the first round compiles
+            pp.append(FLAGS.pp / pp_s)
+            tg.append(st.generate_tok_per_s)
+    res["pp_tok_per_s"] = dict(median=statistics.median(pp), min=min(pp), max=max(pp))
+    res["tg_tok_per_s"] = dict(median=statistics.median(tg), min=min(tg), max=max(tg),
+                               tokens=eng.last_stats.generated_tokens)
+    res["weight_bytes"] = eng.weight_bytes if not eng.layered else None
+    res["placement"] = "".join(t[0] for t in eng.placement)
+    if res["hbm_read_gbps"] and res["weight_bytes"]:
+        res["tg_roofline"] = res["hbm_read_gbps"] * 1e9 / res["weight_bytes"]
+        res["tg_ratio"] = res["tg_tok_per_s"]["median"] / res["tg_roofline"]
+    if FLAGS.out:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        with open(os.path.join(FLAGS.out, "e2e.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps(res, indent=1))
+    print(f"\n{res['card']} jax {res['jax']} {res['model']}: pp{FLAGS.pp} {res['pp_tok_per_s']['median']:.1f} "
+          f"tok/s, tg{FLAGS.tg} {res['tg_tok_per_s']['median']:.1f} tok/s (roofline {res.get('tg_roofline')})",
+          file=sys.stdout)
+
+
+if __name__ == "__main__":
+    app.run(main)
