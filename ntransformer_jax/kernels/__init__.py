@@ -1,0 +1,8 @@
+"""Pallas kernels, each module holding a kernel, its wrapper and a plain-jnp reference with the
+same signature.
+
+- `qmatvec`: fused dequantize + matrix-vector product on GGUF-quantized weights (decode path);
+  `from ntransformer_jax.kernels.qmatvec import qmatvec, qmatvec_packed, repack, BlockSizes`.
+
+Nothing is re-exported here: a function `qmatvec` in this namespace would shadow its module.
+"""

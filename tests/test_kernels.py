@@ -1,0 +1,233 @@
+"""Tests of `ntransformer_jax.kernels.qmatvec` in Pallas interpret mode (CPU).
+
+Every kernel result is compared with gguf-py's numpy dequantization followed by a float64 matmul,
+on fresh random weights. The seed is in each failure message; rerun one with
+`KERNELS_TEST_SEED=<seed> python -m pytest tests/test_kernels.py`. On a GPU, run the same tests
+compiled with `KERNELS_INTERPRET=0`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ntransformer_jax.errors import InputError
+from ntransformer_jax.kernels import qmatvec as qm
+
+T = gguf.GGMLQuantizationType
+INTERPRET = os.environ.get("KERNELS_INTERPRET", "1") != "0"
+
+LEGACY = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0)  # gguf-py can quantize these
+K_QUANTS = (T.Q4_K, T.Q6_K)  # random bytes with finite half fields
+# Byte offsets of the half fields (d, dmin) in one K-quant super-block (ggml-common.h).
+K_HALF_FIELDS = {T.Q4_K: (0, 2), T.Q6_K: (208,)}
+TYPES = LEGACY + K_QUANTS
+
+# (N, K, M, x dtype, block sizes or None for the default)
+CASES = (
+    (64, 256, 1, jnp.float32, None),
+    (256, 512, 3, jnp.float32, None),
+    (64, 512, 8, jnp.float32, None),
+    (64, 256, 3, jnp.bfloat16, None),
+    (96, 512, 2, jnp.float32, qm.BlockSizes(block_n=32, block_k=256, split_k=2)),
+)
+RTOL = 1e-5
+
+
+@pytest.fixture
+def seed() -> int:
+    return int(os.environ.get("KERNELS_TEST_SEED", secrets.randbits(63)))
+
+
+def random_weight(rng: np.random.Generator, qtype: T, n_rows: int, n_cols: int) -> np.ndarray:
+    """uint8 [n_rows, row_bytes] of valid GGUF blocks with finite scales."""
+    if qtype in LEGACY:
+        w = rng.standard_normal((n_rows, n_cols)).astype(np.float32) * rng.uniform(0.01, 2.0)
+        return gguf.quants.quantize(w, qtype)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (n_rows, n_cols // block_size, type_size), dtype=np.uint8)
+    for offset in K_HALF_FIELDS[qtype]:
+        half = (rng.standard_normal(blocks.shape[:2]) * 0.01).astype(np.float16)
+        blocks[..., offset:offset + 2] = half[..., None].view(np.uint8)
+    return blocks.reshape(n_rows, -1)
+
+
+def random_x(rng: np.random.Generator, m_rows: int, n_cols: int, dtype) -> jax.Array:
+    return jnp.asarray(rng.standard_normal((m_rows, n_cols)).astype(np.float32), dtype=dtype)
+
+
+def check_close(y: jax.Array, x: jax.Array, w_data: np.ndarray, qtype: T, msg: str) -> None:
+    """|y - x @ W^T| <= RTOL * (|x| @ |W|^T) elementwise, in float64 on gguf-py's dequantization."""
+    w = gguf.quants.dequantize(w_data, qtype).astype(np.float64)  # [N, K]
+    x64 = np.asarray(x.astype(jnp.float32), dtype=np.float64)
+    want, scale = x64 @ w.T, np.abs(x64) @ np.abs(w).T
+    y = np.asarray(y, dtype=np.float64)
+    assert y.shape == want.shape, msg
+    err = np.max(np.abs(y - want) / np.maximum(scale, np.finfo(np.float64).tiny))
+    assert err <= RTOL, f"{msg}: relative error {err:.3g} > {RTOL}"
+
+
+def _case_params():
+    for qtype in TYPES:
+        for n, k, m, dtype, bs in CASES:
+            name = f"{qtype.name}-{n}x{k}-m{m}-{jnp.dtype(dtype).name}" + ("-split" if bs else "")
+            yield pytest.param(qtype, n, k, m, dtype, bs, id=name)
+
+
+@pytest.mark.parametrize("qtype,n_rows,n_cols,m_rows,dtype,block_sizes", _case_params())
+def test_qmatvec_matches_float64(seed, qtype, n_rows, n_cols, m_rows, dtype, block_sizes):
+    rng = np.random.default_rng(seed)
+    w_data = random_weight(rng, qtype, n_rows, n_cols)
+    x = random_x(rng, m_rows, n_cols, dtype)
+    y = qm.qmatvec(x, w_data, qtype, n_cols, block_sizes=block_sizes, interpret=INTERPRET)
+    assert y.dtype == jnp.float32
+    check_close(y, x, w_data, qtype, f"kernel, seed={seed}")
+    ref = qm.qmatvec_reference(x, w_data, qtype, n_cols)
+    check_close(ref, x, w_data, qtype, f"reference, seed={seed}")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_every_output_element_is_written(seed, qtype):
+    """The raw kernel output (all K-splits, padded x rows included) starts as NaN; none may stay."""
+    rng = np.random.default_rng(seed)
+    n_rows, n_cols, m_rows = 64, 512, 3
+    w_data = random_weight(rng, qtype, n_rows, n_cols)
+    x = random_x(rng, m_rows, n_cols, jnp.float32)
+    fmt = qm._format(qtype)
+    p = qm.plan(qtype, m_rows, n_rows, n_cols, qm.BlockSizes(block_n=16, block_k=256, split_k=2))
+    poison = jnp.full((2, p.m_padded, n_rows), jnp.nan, jnp.float32)
+    out = qm._launch(qm._x_planes(x, fmt, p.m_padded), qm.repack(w_data, qtype), fmt, p,
+                     interpret=INTERPRET, out_init=poison)
+    assert out.shape == (2, 4, n_rows)
+    assert not np.isnan(np.asarray(out)).any(), f"unwritten output elements, seed={seed}"
+    assert not np.asarray(out[:, m_rows:]).any(), "padded x rows must give zeros"
+    check_close(out.sum(0)[:m_rows], x, w_data, qtype, f"seed={seed}")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_repack_size(qtype):
+    """Repacking moves bytes; only Q4_K grows (6-bit scales and mins unpacked to bytes)."""
+    rng = np.random.default_rng(0)
+    w_data = random_weight(rng, qtype, 16, 512)
+    packed = qm.repack(w_data, qtype)
+    size = sum(a.size * a.dtype.itemsize for a in packed)
+    expect = w_data.nbytes * 148 // 144 if qtype == T.Q4_K else w_data.nbytes
+    assert size == expect
+    assert all(a.shape[0] == 16 for a in packed)
+
+
+def test_jit_and_bf16_match_reference(seed):
+    """qmatvec_packed under an outer jit, with x in bfloat16."""
+    rng = np.random.default_rng(seed)
+    w_data = random_weight(rng, T.Q4_0, 64, 256)
+    x = random_x(rng, 2, 256, jnp.bfloat16)
+    packed = qm.repack(w_data, T.Q4_0)
+
+    @jax.jit
+    def f(x, packed):
+        return qm.qmatvec_packed(x, packed, T.Q4_0, 256, interpret=INTERPRET)
+
+    check_close(f(x, packed), x, w_data, T.Q4_0, f"seed={seed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: clear errors before launch.
+# ---------------------------------------------------------------------------------------------
+
+def _q4_0(n_rows=64, n_cols=256):
+    return random_weight(np.random.default_rng(1), T.Q4_0, n_rows, n_cols)
+
+
+def test_ragged_rows_are_rejected_and_multiples_of_eight_accepted():
+    x = jnp.ones((1, 256), jnp.float32)
+    with pytest.raises(InputError, match=r"n_rows=100 must be a multiple of block_n=8"):
+        qm.qmatvec(x, _q4_0(100), T.Q4_0, 256, interpret=INTERPRET)
+    with pytest.raises(InputError, match=r"n_rows=96 must be a multiple of block_n=64"):
+        qm.qmatvec(x, _q4_0(96), T.Q4_0, 256, block_sizes=qm.BlockSizes(block_n=64),
+                   interpret=INTERPRET)
+    w_data = _q4_0(40)  # default block_n = 8
+    check_close(qm.qmatvec(x, w_data, T.Q4_0, 256, interpret=INTERPRET), x, w_data, T.Q4_0,
+                "N=40")
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(x=jnp.ones((0, 256))), r"m_rows=0 rows; qmatvec serves 1 to 8"),
+    (dict(x=jnp.ones((9, 256))), r"m_rows=9 rows; qmatvec serves 1 to 8"),
+    (dict(x=jnp.ones((256,))), r"x must be \[M, K\]"),
+    (dict(x=jnp.ones((1, 256), jnp.int32)), r"x must be float32, bfloat16 or float16"),
+    (dict(x=jnp.ones((1, 288))), r"x has 288 columns but n_cols=256"),
+    (dict(qtype=T.Q2_K), r"no kernel for type Q2_K"),
+    (dict(qtype=T.F32), r"no kernel for type F32"),
+    (dict(qtype=12345), r"no kernel for type #12345"),
+    (dict(n_cols=240, x=jnp.ones((1, 240))), r"n_cols=240 must be a positive multiple of 32"),
+    (dict(n_cols=288, x=jnp.ones((1, 288))), r"n_cols=288 needs 162 bytes per Q4_0 row"),
+    (dict(w_data=_q4_0().view(np.int8)), r"w_data must be uint8"),
+    (dict(block_sizes=qm.BlockSizes(block_k=96)), r"block_k=96 must be a power of two"),
+    (dict(block_sizes=qm.BlockSizes(block_k=16)), r"block_k=16 must be a multiple of 32"),
+    (dict(block_sizes=qm.BlockSizes(block_n=4)), r"block_n=4 must be at least 8"),
+    (dict(block_sizes=qm.BlockSizes(split_k=3)), r"split_k=3 must be a power of two"),
+    (dict(block_sizes=qm.BlockSizes(split_k=2)),
+     r"n_cols=256 must be a multiple of split_k \* block_k = 2 \* 256"),
+])
+def test_invalid_inputs_raise(kwargs, pattern):
+    args = dict(x=jnp.ones((1, 256), jnp.float32), w_data=_q4_0(), qtype=T.Q4_0, n_cols=256)
+    args.update(kwargs)
+    with pytest.raises(InputError, match=pattern):
+        qm.qmatvec(args.pop("x"), args.pop("w_data"), args.pop("qtype"), args.pop("n_cols"),
+                   interpret=INTERPRET, **args)
+
+
+def test_k_quant_block_k_must_cover_super_blocks():
+    w_data = random_weight(np.random.default_rng(2), T.Q6_K, 32, 512)
+    with pytest.raises(InputError, match=r"block_k=128 must be a multiple of 256 for Q6_K"):
+        qm.qmatvec(jnp.ones((1, 512)), w_data, T.Q6_K, 512,
+                   block_sizes=qm.BlockSizes(block_k=128), interpret=INTERPRET)
+
+
+def test_packed_shapes_are_checked():
+    packed = qm.repack(_q4_0(), T.Q4_0)
+    with pytest.raises(InputError, match=r"packed Q4_0 arrays have shapes"):
+        qm.qmatvec_packed(jnp.ones((1, 256)), packed[::-1], T.Q4_0, 256, interpret=INTERPRET)
+    with pytest.raises(InputError, match=r"packed Q4_1 arrays have shapes"):
+        qm.qmatvec_packed(jnp.ones((1, 256)), packed, T.Q4_1, 256, interpret=INTERPRET)
+
+
+# ---------------------------------------------------------------------------------------------
+# 70B shapes: validation, grid and tracing only (interpret mode is far too slow to run them).
+# ---------------------------------------------------------------------------------------------
+
+# Llama-3-70B: D = 8192, F = 28672, K/V projections 8 heads x 128 = 1024 rows.
+SHAPES_70B = ((8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_rows,n_cols", SHAPES_70B, ids=lambda v: str(v))
+def test_70b_shapes_plan_and_trace(qtype, n_rows, n_cols):
+    bs = qm.BlockSizes.get_default(qtype, n_rows, n_cols)
+    for m_rows in (1, 3, 8):
+        p = qm.plan(qtype, m_rows, n_rows, n_cols)
+        assert p.block_sizes == bs
+        assert p.grid == (n_rows // bs.block_n, bs.split_k)
+        assert p.grid[0] * p.grid[1] >= qm.TARGET_PROGRAMS
+        assert p.m_padded in (1, 4, 8) and p.n_chunks * bs.block_k * bs.split_k == n_cols
+    # Trace repack and the whole wrapper, pallas_call included, on abstract arrays.
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    w = jax.ShapeDtypeStruct((n_rows, n_cols // block_size * type_size), jnp.uint8)
+    x = jax.ShapeDtypeStruct((3, n_cols), jnp.bfloat16)
+    y = jax.eval_shape(lambda x, w: qm.qmatvec(x, w, qtype, n_cols), x, w)
+    assert y.shape == (3, n_rows) and y.dtype == jnp.float32
+
+
+def test_70b_default_tiling():
+    """The default heuristic on the shapes that matter (a record for the GPU tuning session)."""
+    got = {(n, k): qm.BlockSizes.get_default(T.Q4_0, n, k) for n, k in SHAPES_70B}
+    assert got[(8192, 8192)] == qm.BlockSizes(block_n=32, block_k=256, split_k=1)
+    assert got[(1024, 8192)] == qm.BlockSizes(block_n=32, block_k=256, split_k=8)
+    assert got[(28672, 8192)] == qm.BlockSizes(block_n=32, block_k=256, split_k=1)
+    assert got[(8192, 28672)] == qm.BlockSizes(block_n=32, block_k=256, split_k=1)
