@@ -21,7 +21,8 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of fn() (blocked until ready) over `repeats` runs after one warm-up."""
     jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
@@ -35,7 +36,7 @@ def hbm_read_gbps(n_bytes: int = 4 << 30) -> float:
     """Read bandwidth of a jitted f32 reduction over n_bytes (GB/s)."""
     x = jnp.ones((n_bytes // 4,), jnp.float32) * jnp.float32(1.0001)
     f = jax.jit(jnp.sum)
-    return n_bytes / _median_time(lambda: f(x), 10) / 1e9
+    return n_bytes / median_time(lambda: f(x), 10) / 1e9
 
 
 def h2d_gbps(n_bytes: int = 2 << 30) -> float:
@@ -43,7 +44,7 @@ def h2d_gbps(n_bytes: int = 2 << 30) -> float:
     dev = jax.devices()[0]
     host = jax.device_put(np.ones(n_bytes, np.uint8), SingleDeviceSharding(dev, memory_kind="pinned_host"))
     to_dev = SingleDeviceSharding(dev, memory_kind="device")
-    return n_bytes / _median_time(lambda: jax.device_put(host, to_dev), 5) / 1e9
+    return n_bytes / median_time(lambda: jax.device_put(host, to_dev), 5) / 1e9
 
 
 def d2h_gbps(n_bytes: int = 2 << 30) -> float:
@@ -51,7 +52,7 @@ def d2h_gbps(n_bytes: int = 2 << 30) -> float:
     dev = jax.devices()[0]
     x = jnp.ones((n_bytes,), jnp.uint8)
     to_host = SingleDeviceSharding(dev, memory_kind="pinned_host")
-    return n_bytes / _median_time(lambda: jax.device_put(x, to_host), 5) / 1e9
+    return n_bytes / median_time(lambda: jax.device_put(x, to_host), 5) / 1e9
 
 
 def drop_caches() -> None:
@@ -81,7 +82,7 @@ def bf16_matmul_tflops(n: int = 8192) -> float:
     a = jax.random.normal(k1, (n, n), jnp.bfloat16)
     b = jax.random.normal(k2, (n, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: a @ b)
-    return 2 * n ** 3 / _median_time(lambda: f(a, b), 10) / 1e12
+    return 2 * n ** 3 / median_time(lambda: f(a, b), 10) / 1e12
 
 
 def main() -> None:

@@ -146,16 +146,7 @@ def write_header_only(path: str, shape: synth.SynthShape, quant: str) -> None:
     import numpy as np
     specs = synth.tensor_plan(shape, quant)
     w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(shape.n_layers)
-    w.add_context_length(shape.ctx_len)
-    w.add_embedding_length(shape.n_embd)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_kv_head)
-    w.add_rope_freq_base(shape.rope_base)
-    w.add_layer_norm_rms_eps(shape.rms_eps)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"])
+    synth._add_metadata(w, shape, quant)     # the synthetic writer's own header, vocabulary included
     for spec in specs:
         w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), synth.tensor_nbytes(spec),
                           raw_dtype=spec.qtype)
