@@ -38,7 +38,8 @@ flags.DEFINE_enum("streaming", "pipeline", ["pipeline", "mmap"],
                   "How non-resident layers move: prefetching pipeline, or the naive synchronous mmap baseline.")
 flags.DEFINE_integer("prefetch_depth", 2, "Streamed layers in flight ahead of the one computing.")
 flags.DEFINE_boolean("benchmark", False, "Print per-token timing: compute, waits on copies and disk, bytes per tier.")
-flags.DEFINE_string("draft_model", None, "Smaller GGUF with the same vocabulary for speculative decoding.")
+flags.DEFINE_string("draft_model", None, "Smaller GGUF with the same vocabulary for speculative decoding, or "
+                    "'self': the model's own VRAM-resident layers draft (tiered models).")
 flags.DEFINE_integer("draft_k", 4, "Tokens drafted per speculative round.")
 flags.DEFINE_string("batch_file", None, "Generate for every line of this file together (one prompt a line); "
                     "the answers print in order, separated by lines of '---'.")

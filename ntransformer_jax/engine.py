@@ -25,7 +25,8 @@ from ntransformer_jax import model as M
 from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError
 from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, TensorInfo
 from ntransformer_jax.sampling import SamplingParams, sample
-from ntransformer_jax.speculative import SpeculativeStats, check_compatible, speculative_tokens
+from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats, check_compatible,
+                                          speculative_tokens)
 from ntransformer_jax.placement import layer_span, plan_for, staging_bytes
 from ntransformer_jax.tiers import (LayerSource, Streamer, TierOptions, available_ram, free_device_memory,
                                     open_reader)
@@ -634,7 +635,8 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
       ctx_size: context length (KV cache size); default min(training context, 4096).
       progress: called as progress(bytes_placed, bytes_total) while layers are placed.
       draft_model: a smaller GGUF with the same vocabulary (e.g. a lower-bit quantization of the
-        same model), kept resident, for speculative decoding.
+        same model), kept resident, for speculative decoding; or "self": the model's own
+        VRAM-resident layers (a tiered model drafts without streaming).
       draft_k: tokens drafted per speculative round.
       **tier_options: `TierOptions` fields: vram_budget_gb, ram_budget_gb, max_vram_layers,
         max_ram_layers, streaming ("pipeline" | "mmap"), prefetch_depth, reader, o_direct,
@@ -650,7 +652,7 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
     if draft_k < 1:
         raise InputError(f"draft_k={draft_k} must be >= 1")
     options = TierOptions(**{k: v for k, v in tier_options.items() if v is not None})
-    draft = load(draft_model, ctx_size=ctx_size) if draft_model else None
+    draft = load(draft_model, ctx_size=ctx_size) if draft_model and draft_model != "self" else None
     model_file = ModelFile(path)
     try:
         engine = Engine(model_file, ctx_size=ctx_size, tier_options=options, progress=progress)
@@ -660,4 +662,6 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
     if draft is not None:
         check_compatible(engine, draft)
         engine.draft, engine.draft_k = draft, draft_k
+    elif draft_model == "self":
+        engine.draft, engine.draft_k = ResidentLayersDraft(engine), draft_k
     return engine

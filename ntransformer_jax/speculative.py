@@ -54,6 +54,48 @@ def distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return jax.nn.softmax(filter_logits(logits, params) / params.temperature, axis=-1)
 
 
+class ResidentLayersDraft:
+    """A self-draft: the target's own device-resident layers only (streamed layers skipped),
+    with the target's embeddings and head, and a KV cache of its own. It costs no PCIe traffic,
+    so a tiered model drafts at resident speed; how often it agrees with the full model decides
+    the acceptance rate.
+
+    Provides what `speculative_tokens` uses of a draft: config, tokenizer, ctx_size,
+    `_check_ids`, `_forward` and `_cached`.
+    """
+
+    def __init__(self, target: "Engine"):
+        from ntransformer_jax import model as M
+        if not target.layered:
+            raise InputError("a resident-layers self-draft needs a tiered model (some layers streamed); "
+                             "with every layer resident the draft would be the model itself")
+        self._M = M
+        self.target = target
+        self.config = target.config
+        self.tokenizer = target.tokenizer
+        self.ctx_size = target.ctx_size
+        self.layers = sorted(target.resident)
+        if not self.layers:
+            raise InputError("a resident-layers self-draft needs at least one layer in VRAM")
+        shape = (1, self.ctx_size, self.config.n_kv_head, self.config.head_dim)
+        self._caches = {i: M.KVCache(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+                        for i in self.layers}
+        self._cached: list[int] = []
+
+    def _check_ids(self, ids):
+        return self.target._check_ids(ids)
+
+    def _forward(self, ids: np.ndarray, pos: int, all_logits: bool) -> jax.Array:
+        M, g, cfg = self._M, self.target.globals, self.config
+        x = M.embed_jit(g.token_embd, jnp.asarray(np.atleast_2d(ids), jnp.int32))
+        p = jnp.int32(pos)
+        for i in self.layers:
+            x, self._caches[i] = M.block(cfg, self.target.resident[i], x, self._caches[i], p, g.rope_inv_freq)
+        if not all_logits:
+            x = x[:, -1]
+        return M.head_jit(g.output_norm, g.output, x, cfg.rms_eps)
+
+
 def check_compatible(target: "Engine", draft: "Engine") -> None:
     """The draft must speak the target's vocabulary."""
     if draft.config.n_vocab != target.config.n_vocab:

@@ -68,3 +68,15 @@ def test_speculative_sampling_is_seeded_and_stops(tiny_f32_path, tmp_path):
 def test_draft_with_other_vocabulary_is_refused(tiny_f32_path, smollm_path):
     with pytest.raises(nt.InputError, match="vocabulary"):
         nt.load(tiny_f32_path, ctx_size=32, draft_model=smollm_path)
+
+
+def test_resident_layers_self_draft(smollm_engine, smollm_path):
+    """--draft_model self: the VRAM-resident layers draft; greedy output stays plain greedy."""
+    greedy = nt.SamplingParams(temperature=0)
+    ids = smollm_engine.tokenize("The capital of France is")
+    plain = list(smollm_engine.generate_tokens(ids, max_new_tokens=20, params=greedy))
+    spec = nt.load(smollm_path, ctx_size=128, max_vram_layers=28, max_ram_layers=30, draft_model="self")
+    assert list(spec.generate_tokens(ids, max_new_tokens=20, params=greedy)) == plain
+    assert spec.spec_stats.drafted > 0 and spec.spec_stats.accepted > 0
+    with pytest.raises(nt.InputError, match="tiered"):
+        nt.load(smollm_path, ctx_size=64, draft_model="self")
