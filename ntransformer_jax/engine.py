@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import os
 import secrets
 import time
-import functools
 from typing import Callable, Iterator, Sequence
 
 import gguf
@@ -28,8 +28,8 @@ from ntransformer_jax.sampling import SamplingParams, sample
 from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats, check_compatible,
                                           speculative_tokens)
 from ntransformer_jax.placement import layer_span, plan_for, staging_bytes
-from ntransformer_jax.tiers import (LayerSource, Streamer, TierOptions, available_ram, free_device_memory,
-                                    open_reader)
+from ntransformer_jax.tiers import (LayerSource, Streamer, StreamStats, TierOptions, available_ram,
+                                    free_device_memory, open_reader)
 from ntransformer_jax.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -53,23 +53,20 @@ class GenerationStats:
     generate_seconds: float = 0.0
     stop_reason: str = ""   # "eog", "max_new_tokens" or "ctx_size"
     # Streaming during decode (layered path), summed over the decode steps.
-    wait_copy_s: float = 0.0
-    wait_disk_s: float = 0.0
-    bytes_ram: int = 0
-    bytes_disk: int = 0
-    disk_read_s: float = 0.0
+    stream: StreamStats = dataclasses.field(default_factory=StreamStats)
 
     def per_token(self) -> dict:
         """Decode figures per generated token: seconds computing / waiting, bytes per tier, GB/s."""
         n = max(self.generated_tokens - 1, 0)
         if n == 0 or not self.generate_seconds:
             return {}
+        s = self.stream
         t = self.generate_seconds / n
-        wc, wd = self.wait_copy_s / n, self.wait_disk_s / n
+        wc, wd = s.wait_copy_s / n, s.wait_disk_s / n
         return {
             "token_s": t, "compute_s": max(t - wc - wd, 0.0), "wait_copy_s": wc, "wait_disk_s": wd,
-            "bytes_ram": self.bytes_ram / n, "bytes_disk": self.bytes_disk / n,
-            "ram_gbps": self.bytes_ram / n / t / 1e9, "disk_gbps": self.bytes_disk / n / t / 1e9,
+            "bytes_ram": s.bytes_ram / n, "bytes_disk": s.bytes_disk / n,
+            "ram_gbps": s.bytes_ram / n / t / 1e9, "disk_gbps": s.bytes_disk / n / t / 1e9,
         }
 
     @property
@@ -81,6 +78,21 @@ class GenerationStats:
         # The first generated token comes from the prefill, so it is not counted here.
         n = max(self.generated_tokens - 1, 0)
         return n / self.generate_seconds if self.generate_seconds else 0.0
+
+
+def _prng_key(seed: int | None) -> jax.Array:
+    """The sampling key: from `seed`, or random when it is None or negative."""
+    return jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
+
+
+def _recent_window(histories: Sequence[np.ndarray], params: SamplingParams) -> np.ndarray:
+    """[B, W] the last `repeat_last_n` tokens of each history, right-aligned, -1 where none."""
+    window = max(params.repeat_last_n, 1)
+    recent = np.full((len(histories), window), -1, np.int32)
+    for i, h in enumerate(histories):
+        tail = h[-params.repeat_last_n:] if params.repeat_last_n else h[:0]
+        recent[i, window - len(tail):] = tail
+    return recent
 
 
 def _to_host_array(info: TensorInfo) -> np.ndarray:
@@ -205,7 +217,7 @@ class Engine:
                     self._progress(done, total)
             needs_reader = any(s.tier == "disk" for s in sources.values())
             reader = open_reader(f.path, opts) if needs_reader else None
-            self.streamer = Streamer(sources, cfg.n_layers, self.device, opts, reader, staging)
+            self.streamer = Streamer(sources, self.device, opts, reader, staging)
         embd = self._qtensor(f.tensor("token_embd.weight"))
         output = embd if cfg.tied_output else self._qtensor(f.tensor("output.weight"))
         factors = (np.asarray(_to_host_array(f.tensor("rope_freqs.weight")), np.float32).reshape(-1)
@@ -282,9 +294,10 @@ class Engine:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of all weights as held (the GGUF encoding)."""
-        leaves = {id(x): x for x in jax.tree_util.tree_leaves((self.segments, self.globals))}
-        return sum(int(x.size * x.dtype.itemsize) for x in leaves.values())
+        """Bytes of all weights in their GGUF encoding, wherever they are placed (each read once per
+        decoded token); the tied embedding/output matrix counts once."""
+        leaves = {id(x): x for x in jax.tree_util.tree_leaves(self.globals)}
+        return sum(self.plan.layer_bytes) + sum(int(x.size * x.dtype.itemsize) for x in leaves.values())
 
     # -- tokenizer ---------------------------------------------------------------------------
 
@@ -447,13 +460,9 @@ class Engine:
         if max_new_tokens == 0:
             stats.stop_reason = "max_new_tokens"
             return
-        key = jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
-        window = max(params.repeat_last_n, 1)
-        recent = np.full((1, window), -1, np.int32)
+        key = _prng_key(seed)
         history = np.concatenate([np.asarray(self._cached[:start_pos], np.int32), ids])
-        tail = history[-params.repeat_last_n:] if params.repeat_last_n else ids[:0]
-        recent[0, window - len(tail):] = tail
-        recent = jnp.asarray(recent)
+        recent = jnp.asarray(_recent_window([history], params))
 
         t0 = time.perf_counter()
         logits = self._forward(ids, start_pos, all_logits=False)  # [1, V]
@@ -480,10 +489,7 @@ class Engine:
             stats.generated_tokens += 1
             stats.generate_seconds = time.perf_counter() - t_gen
             if s0 is not None:
-                s1 = self.streamer.stats
-                stats.wait_copy_s, stats.wait_disk_s = s1.wait_copy_s - s0.wait_copy_s, s1.wait_disk_s - s0.wait_disk_s
-                stats.bytes_ram, stats.bytes_disk = s1.bytes_ram - s0.bytes_ram, s1.bytes_disk - s0.bytes_disk
-                stats.disk_read_s = s1.disk_read_s - s0.disk_read_s
+                stats.stream = self.streamer.stats.since(s0)
             if self.tokenizer.is_eog(token):
                 stats.stop_reason = "eog"
                 return
@@ -518,17 +524,14 @@ class Engine:
         b = len(rows)
         lengths = np.array([r.size for r in rows])
         padded = np.zeros((b, lengths.max()), np.int32)
-        window = max(params.repeat_last_n, 1)
-        recent = np.full((b, window), -1, np.int32)
         for i, r in enumerate(rows):
             padded[i, :r.size] = r
-            tail = r[-params.repeat_last_n:] if params.repeat_last_n else r[:0]
-            recent[i, window - len(tail):] = tail
+        recent = _recent_window(rows, params)
         out: list[list[int]] = [[] for _ in range(b)]
         stats = self.last_stats = GenerationStats(prompt_tokens=int(lengths.sum()))
         if max_new_tokens == 0:
             return out
-        key = jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
+        key = _prng_key(seed)
         self._caches = self._new_caches(b)
         self._cached = []
         try:

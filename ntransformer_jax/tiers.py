@@ -260,14 +260,13 @@ class PosixReader:
             self.fd = os.open(path, flags)
         self.pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ntj-read")
         self.size_at_open = os.fstat(self.fd).st_size
-        self.padded_tail = True
 
     def _read_chunk(self, buf: memoryview, offset: int) -> None:
         done = 0
         while done < len(buf):
             n = os.preadv(self.fd, [buf[done:]], offset + done)
             if n <= 0:
-                if offset + done >= self.size_at_open and self.padded_tail:
+                if offset + done >= self.size_at_open:
                     return   # an aligned span may reach past the end of the file: nothing to read
                 raise StreamingError(f"model file {self.path} ended at byte {offset + done} while "
                                      f"streaming (truncated or replaced?)")
@@ -294,7 +293,8 @@ class KvikioReader:
     def __init__(self, path: str, threads: int):
         import kvikio
         import kvikio.defaults
-        kvikio.defaults.set({"num_threads": threads}) if hasattr(kvikio.defaults, "set") else None
+        if hasattr(kvikio.defaults, "set"):
+            kvikio.defaults.set({"num_threads": threads})
         self.path = path
         self.o_direct = False
         self.file = kvikio.CuFile(path, "r")
@@ -324,13 +324,18 @@ def open_reader(path: str, options: TierOptions):
 
 @dataclasses.dataclass
 class StreamStats:
-    """Per-run accumulators (reset per token by the engine)."""
+    """Running totals of the scheduler; the engine reports differences of two snapshots."""
 
     wait_copy_s: float = 0.0
     wait_disk_s: float = 0.0
     bytes_ram: int = 0
     bytes_disk: int = 0
     disk_read_s: float = 0.0     # time the reader threads spent reading (summed over layers)
+
+    def since(self, earlier: "StreamStats") -> "StreamStats":
+        """What accumulated between the snapshot `earlier` and now."""
+        return StreamStats(*(getattr(self, f.name) - getattr(earlier, f.name)
+                             for f in dataclasses.fields(self)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,11 +356,10 @@ class Streamer:
     waits for the compute that used the oldest slot (so device memory stays bounded).
     """
 
-    def __init__(self, sources: dict[int, LayerSource], n_layers: int, device: jax.Device,
+    def __init__(self, sources: dict[int, LayerSource], device: jax.Device,
                  options: TierOptions, reader, staging_bytes: int):
         self.sources = sources
         self.order = sorted(sources)           # streamed layers, cyclic over tokens
-        self.n_layers = n_layers
         self.device = device
         self.depth = options.prefetch_depth
         self.mmap = options.streaming == "mmap"
