@@ -78,16 +78,14 @@ def _check_flags() -> None:
         raise InputError(f"--n_predict={FLAGS.n_predict} must be >= 0")
     if FLAGS.ctx_size < 0:
         raise InputError(f"--ctx_size={FLAGS.ctx_size} must be >= 0")
-    if FLAGS.temperature < 0:
-        raise InputError(f"--temperature={FLAGS.temperature} must be >= 0")
-    if not 0 < FLAGS.top_p <= 1:
-        raise InputError(f"--top_p={FLAGS.top_p} must be in (0, 1]")
-    if not 0 <= FLAGS.min_p <= 1:
-        raise InputError(f"--min_p={FLAGS.min_p} must be in [0, 1]")
-    if FLAGS.top_k < 0:
-        raise InputError(f"--top_k={FLAGS.top_k} must be >= 0")
-    if FLAGS.repeat_penalty <= 0:
-        raise InputError(f"--repeat_penalty={FLAGS.repeat_penalty} must be > 0")
+    # The sampling flags have SamplingParams' own names: its checks, its messages, as flags.
+    from ntransformer_jax.sampling import SamplingParams
+    try:
+        SamplingParams(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                       min_p=FLAGS.min_p, repeat_penalty=FLAGS.repeat_penalty,
+                       repeat_last_n=FLAGS.repeat_last_n)
+    except InputError as e:
+        raise InputError(f"--{e}") from None
 
 
 # -- chat ---------------------------------------------------------------------------------------
