@@ -22,7 +22,7 @@ from absl import app, flags
 
 import ntransformer_jax as nt
 from ceilings import median_time
-from ntransformer_jax import synth
+from synthetic import synthetic_file
 
 flags.DEFINE_string("model", None, "Target GGUF (default: write a synthetic 70B Q4_0).")
 flags.DEFINE_string("draft", None, "Draft GGUF (default: write a synthetic 1B Q4_0).")
@@ -36,19 +36,12 @@ flags.DEFINE_string("out", None, "Folder for JSON.")
 FLAGS = flags.FLAGS
 
 
-def synthetic(shape: str) -> str:
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    path = os.path.join(FLAGS.workdir, f"synth-{shape}-Q4_0.gguf")
-    if not os.path.exists(path):
-        synth.write_synthetic(path, synth.SHAPES[shape], "Q4_0", seed=0)
-    return path
-
 
 def main(argv):
     del argv
     res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=jax.devices()[0].device_kind)
-    target_path = FLAGS.model or synthetic("70b")
-    draft_path = FLAGS.draft or synthetic("1b")
+    target_path = FLAGS.model or synthetic_file(FLAGS.workdir, "70b", "Q4_0")[0]
+    draft_path = FLAGS.draft or synthetic_file(FLAGS.workdir, "1b", "Q4_0")[0]
     eng = nt.load(target_path, ctx_size=512, vram_budget_gb=FLAGS.vram_budget_gb)
     res["plan"] = eng.plan.summary()
     rng = np.random.default_rng(0)

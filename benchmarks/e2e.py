@@ -22,7 +22,7 @@ from absl import app, flags
 
 import ntransformer_jax as nt
 from ceilings import hbm_read_gbps
-from ntransformer_jax import synth
+from synthetic import synthetic_file
 
 flags.DEFINE_string("model", None, "GGUF file (else a synthetic one from --shape/--quant).")
 flags.DEFINE_string("shape", "8b", "Synthetic shape when no --model.")
@@ -39,12 +39,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    path = FLAGS.model
-    if path is None:
-        os.makedirs(FLAGS.workdir, exist_ok=True)
-        path = os.path.join(FLAGS.workdir, f"synth-{FLAGS.shape}-{FLAGS.quant}.gguf")
-        if not os.path.exists(path):
-            synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], FLAGS.quant, seed=0)
+    path = FLAGS.model or synthetic_file(FLAGS.workdir, FLAGS.shape, FLAGS.quant)[0]
     dev = jax.devices()[0]
     res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=dev.device_kind,
                model=os.path.basename(path))

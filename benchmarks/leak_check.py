@@ -13,7 +13,7 @@ import jax
 from absl import app, flags
 
 import ntransformer_jax as nt
-from ntransformer_jax import synth
+from synthetic import synthetic_file
 
 flags.DEFINE_string("shape", "1b", "Synthetic shape.")
 flags.DEFINE_string("workdir", "/root/models", "Where the synthetic file goes.")
@@ -34,10 +34,7 @@ def rss_mb() -> float:
 
 def main(argv):
     del argv
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    path = os.path.join(FLAGS.workdir, f"synth-{FLAGS.shape}-Q4_0.gguf")
-    if not os.path.exists(path):
-        synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], "Q4_0", seed=0)
+    path, _ = synthetic_file(FLAGS.workdir, FLAGS.shape, "Q4_0")
     eng = nt.load(path, ctx_size=FLAGS.tokens + 64, max_vram_layers=FLAGS.max_vram_layers,
                   max_ram_layers=FLAGS.max_ram_layers)
     params = nt.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)

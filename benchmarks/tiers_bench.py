@@ -27,7 +27,7 @@ from jax.sharding import SingleDeviceSharding
 
 import ntransformer_jax as nt
 from ceilings import disk_read_gbps, drop_caches, h2d_gbps, hbm_read_gbps
-from ntransformer_jax import synth
+from synthetic import synthetic_file
 
 flags.DEFINE_string("model", None, "Existing GGUF file (else a synthetic one is written).")
 flags.DEFINE_string("shape", "70b", "Synthetic shape.")
@@ -141,12 +141,9 @@ def main(argv):
     print(json.dumps(res), flush=True)
     path = FLAGS.model
     if path is None:
-        os.makedirs(FLAGS.workdir, exist_ok=True)
-        path = os.path.join(FLAGS.workdir, f"synth-{FLAGS.shape}-{FLAGS.quant}.gguf")
-        if not os.path.exists(path):
-            t = time.perf_counter()
-            synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], FLAGS.quant, seed=0)
-            res["write_s"] = time.perf_counter() - t
+        path, write_s = synthetic_file(FLAGS.workdir, FLAGS.shape, FLAGS.quant)
+        if write_s is not None:
+            res["write_s"] = write_s
     res["file_gb"] = os.path.getsize(path) / 1e9
     res["cold_read_gbps"] = disk_read_gbps(path, cold=True)
     print(json.dumps(res), flush=True)
@@ -161,10 +158,7 @@ def main(argv):
     for quant in [FLAGS.quant] + list(FLAGS.then_quants):
         if quant != FLAGS.quant:
             os.remove(path)
-            path = os.path.join(FLAGS.workdir, f"synth-{FLAGS.shape}-{quant}.gguf")
-            t = time.perf_counter()
-            synth.write_synthetic(path, synth.SHAPES[FLAGS.shape], quant, seed=0)
-            res[f"write_s_{quant}"] = time.perf_counter() - t
+            path, res[f"write_s_{quant}"] = synthetic_file(FLAGS.workdir, FLAGS.shape, quant)
         for budget in FLAGS.vram_budget_gb:
             r = run_isolated(path, FLAGS.n_decode, vram_budget_gb=float(budget))
             r["quant"] = quant
