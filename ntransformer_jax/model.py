@@ -290,21 +290,23 @@ def decode_step(cfg: LlamaConfig, params: SamplingParams, segments: tuple[LayerW
     """
     x = embed(g.token_embd, token[:, None])
     x, caches = forward_layers(cfg, segments, caches, x, pos, g.rope_inv_freq)
-    logits = head(g.output_norm, g.output, x[:, 0], cfg.rms_eps)
-    recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
-    key, sub = jax.random.split(key)
-    return sample(logits, recent, sub, params), caches, key, recent
+    nxt, key, recent = sample_next(cfg.rms_eps, params, g.output_norm, g.output, x[:, 0], key, token, recent)
+    return nxt, caches, key, recent
 
 
-embed_jit = jax.jit(embed)
-head_jit = jax.jit(head, static_argnames=("eps",))
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "params"), donate_argnames=("recent",))
-def head_sample(eps: float, params: SamplingParams, output_norm: jax.Array, output: QTensor,
+def sample_next(eps: float, params: SamplingParams, output_norm: jax.Array, output: QTensor,
                 x: jax.Array, key: jax.Array, token: jax.Array, recent: jax.Array):
-    """Logits of x [B, D] and the next token, as in `decode_step` (for the layered path)."""
+    """The head on x [B, D], `token` [B] appended to the repetition window, the next token drawn.
+
+    Returns (next tokens [B], key, recent).
+    """
     logits = head(output_norm, output, x, eps)
     recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
     key, sub = jax.random.split(key)
     return sample(logits, recent, sub, params), key, recent
+
+
+embed_jit = jax.jit(embed)
+head_jit = jax.jit(head, static_argnames=("eps",))
+# The layered path's decode tail (the resident path has it inside `decode_step`).
+head_sample = jax.jit(sample_next, static_argnames=("eps", "params"), donate_argnames=("recent",))
