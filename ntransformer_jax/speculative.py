@@ -111,6 +111,11 @@ def _pick(p: np.ndarray, rng: np.random.Generator) -> int:
     return int(rng.choice(len(p), p=p / p.sum()))
 
 
+def _draw(p: np.ndarray, greedy: bool, rng: np.random.Generator) -> int:
+    """The token a distribution gives: its argmax when greedy, else a sample."""
+    return int(np.argmax(p)) if greedy else _pick(p, rng)
+
+
 def resolve(ps: np.ndarray, qs: Sequence[np.ndarray], drafted: Sequence[int], greedy: bool,
             rng: np.random.Generator) -> tuple[list[int], int]:
     """The rejection rule for one round.
@@ -132,10 +137,8 @@ def resolve(ps: np.ndarray, qs: Sequence[np.ndarray], drafted: Sequence[int], gr
             break
         good.append(d)
     m = len(good)
-    if greedy:
-        return good, int(np.argmax(ps[m]))
-    if m == len(drafted):
-        return good, _pick(ps[m], rng)
+    if greedy or m == len(drafted):
+        return good, _draw(ps[m], greedy, rng)
     residual = np.maximum(np.asarray(ps[m], np.float64) - qs[m], 0.0)
     return good, _pick(residual if residual.sum() > 0 else ps[m], rng)
 
@@ -167,7 +170,7 @@ def speculative_tokens(target: "Engine", draft: "Engine", prompt_ids: Sequence[i
     draft._cached = []
     p0 = np.asarray(distribution(target._forward(ids, 0, all_logits=False), params))[0]
     tokens = [int(t) for t in ids]
-    last = _pick(p0, rng) if not params.greedy else int(np.argmax(p0))
+    last = _draw(p0, params.greedy, rng)
     n_target = len(tokens)          # target cache holds tokens[:n_target]
     n_draft = 0                     # draft cache holds tokens[:n_draft]
     emitted = 0
@@ -185,50 +188,52 @@ def speculative_tokens(target: "Engine", draft: "Engine", prompt_ids: Sequence[i
         emitted += 1
         return True
 
-    if not emit(last):
-        return
-    yield last
-    gs.stop_reason = "max_new_tokens"
-    while emitted < max_new_tokens:
-        room = ctx - n_target - 1                # positions left after feeding `last`
-        if room < 0:
-            gs.stop_reason = "ctx_size"
-            return
-        kk = min(k, room, max_new_tokens - emitted)
-
-        # Draft kk tokens after `last`.
-        feed = np.asarray(tokens[n_draft:] + [last], np.int32)
-        logits = draft._forward(feed, n_draft, all_logits=False)
-        n_draft = n_target + 1
-        drafted, qs = [], []
-        for i in range(kk):
-            q = np.asarray(distribution(logits, params))[0]
-            d = int(np.argmax(q)) if params.greedy else _pick(q, rng)
-            drafted.append(d)
-            qs.append(q)
-            if i + 1 < kk:
-                logits = draft._forward(np.asarray([d], np.int32), n_draft, all_logits=False)
-                n_draft += 1
-
-        # Verify all of them in one target pass over kk + 1 positions.
-        ps = np.asarray(distribution(target._forward(np.asarray([last] + drafted, np.int32),
-                                                     n_target, all_logits=True), params))
-        stats.rounds += 1
-        stats.drafted += kk
-        tokens.append(last)
-        good, nxt = resolve(ps, qs, drafted, params.greedy, rng)
-        stats.accepted += len(good)
-        for d in good:
-            if not emit(d):
-                return
-            yield d
-            tokens.append(d)
-            if emitted >= max_new_tokens:
-                return
-        n_target = len(tokens)                    # last and the accepted drafts are in the cache
-        n_draft = min(n_draft, n_target)
-        last = nxt
+    try:
         if not emit(last):
             return
         yield last
-    target._cached = tokens[:n_target]
+        gs.stop_reason = "max_new_tokens"
+        while emitted < max_new_tokens:
+            room = ctx - n_target - 1                # positions left after feeding `last`
+            if room < 0:
+                gs.stop_reason = "ctx_size"
+                return
+            kk = min(k, room, max_new_tokens - emitted)
+
+            # Draft kk tokens after `last`.
+            feed = np.asarray(tokens[n_draft:] + [last], np.int32)
+            logits = draft._forward(feed, n_draft, all_logits=False)
+            n_draft = n_target + 1
+            drafted, qs = [], []
+            for i in range(kk):
+                q = np.asarray(distribution(logits, params))[0]
+                d = _draw(q, params.greedy, rng)
+                drafted.append(d)
+                qs.append(q)
+                if i + 1 < kk:
+                    logits = draft._forward(np.asarray([d], np.int32), n_draft, all_logits=False)
+                    n_draft += 1
+
+            # Verify all of them in one target pass over kk + 1 positions.
+            ps = np.asarray(distribution(target._forward(np.asarray([last] + drafted, np.int32),
+                                                         n_target, all_logits=True), params))
+            stats.rounds += 1
+            stats.drafted += kk
+            tokens.append(last)
+            good, nxt = resolve(ps, qs, drafted, params.greedy, rng)
+            stats.accepted += len(good)
+            for d in good:
+                if not emit(d):
+                    return
+                yield d
+                tokens.append(d)
+                if emitted >= max_new_tokens:
+                    return
+            n_target = len(tokens)                    # last and the accepted drafts are in the cache
+            n_draft = min(n_draft, n_target)
+            last = nxt
+            if not emit(last):
+                return
+            yield last
+    finally:
+        target._cached = tokens[:n_target]   # what the target's cache holds, however generation ended
