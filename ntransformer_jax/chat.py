@@ -10,11 +10,10 @@ longest prefix already in the engine's KV cache, so history is not read again.
 
 from __future__ import annotations
 
-import codecs
 import datetime
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jinja2
@@ -24,6 +23,7 @@ import jinja2.sandbox
 
 from ntransformer_jax.errors import InputError, NTransformerError
 from ntransformer_jax.sampling import SamplingParams
+from ntransformer_jax.tokenizer import decode_stream
 
 if TYPE_CHECKING:
     from ntransformer_jax.engine import Engine
@@ -178,22 +178,6 @@ class ChatTemplate:
 # ---------------------------------------------------------------------------------------------
 # Streaming text
 # ---------------------------------------------------------------------------------------------
-
-
-def decode_stream(tokens: Iterable[int], token_bytes: Callable[[int], bytes]) -> Iterator[str]:
-    """Text pieces of `tokens` as they come, UTF-8 safe.
-
-    A character whose bytes are split across tokens is yielded once, whole, when its last byte
-    arrives; bytes that can never form a character become U+FFFD.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in tokens:
-        piece = decoder.decode(token_bytes(token))
-        if piece:
-            yield piece
-    rest = decoder.decode(b"", final=True)
-    if rest:
-        yield rest
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

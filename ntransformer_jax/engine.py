@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import functools
 import os
@@ -30,7 +29,7 @@ from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats,
 from ntransformer_jax.placement import layer_span, plan_for, staging_bytes
 from ntransformer_jax.tiers import (LayerSource, Streamer, StreamStats, TierOptions, available_ram,
                                     free_device_memory, open_reader)
-from ntransformer_jax.tokenizer import Tokenizer
+from ntransformer_jax.tokenizer import Tokenizer, decode_stream
 
 DEFAULT_CTX = 4096
 MIN_PREFILL_BUCKET = 16
@@ -599,14 +598,8 @@ class Engine:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
         ids = self.tokenize(prompt, add_special=add_special, parse_special=parse_special)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in self.generate_tokens(ids, max_new_tokens=max_new_tokens, params=params, seed=seed):
-            piece = decoder.decode(self.tokenizer.token_bytes(token))
-            if piece:
-                yield piece
-        rest = decoder.decode(b"", final=True)
-        if rest:
-            yield rest
+        yield from decode_stream(self.generate_tokens(ids, max_new_tokens=max_new_tokens, params=params,
+                                                      seed=seed), self.tokenizer.token_bytes)
 
     def chat(self, messages: Sequence[dict[str, str]], *, chat_template: str | None = None,
              **sampling) -> Iterator[str]:

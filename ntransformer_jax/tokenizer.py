@@ -30,10 +30,11 @@ for any supported `tokenizer.ggml.pre`, in the differential tests):
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -705,3 +706,19 @@ def _apply_name_rules(metadata: Mapping[str, Any], texts: list[str], attrs: list
         if text in vocab:
             i = vocab[text]
             attrs[i] = attrs[i] | _Attr.RSTRIP if strip else attrs[i] & ~_Attr.RSTRIP
+
+
+def decode_stream(tokens: Iterable[int], token_bytes: Callable[[int], bytes]) -> Iterator[str]:
+    """Text pieces of `tokens` as they come, UTF-8 safe.
+
+    A character whose bytes are split across tokens is yielded once, whole, when its last byte
+    arrives; bytes that can never form a character become U+FFFD.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        piece = decoder.decode(token_bytes(token))
+        if piece:
+            yield piece
+    rest = decoder.decode(b"", final=True)
+    if rest:
+        yield rest

@@ -15,9 +15,10 @@ import jinja2
 import pytest
 
 import ntransformer_jax as nt
-from ntransformer_jax.chat import KEY_CHAT_TEMPLATE, ChatSession, ChatTemplate, decode_stream, template_source
+from ntransformer_jax.chat import KEY_CHAT_TEMPLATE, ChatSession, ChatTemplate, template_source
 from ntransformer_jax.errors import InputError
 from ntransformer_jax.sampling import SamplingParams
+from ntransformer_jax.tokenizer import decode_stream
 
 # A Llama-3-style template, written for these tests; block tags on their own lines so that
 # trim_blocks / lstrip_blocks matter.
