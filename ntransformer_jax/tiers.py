@@ -230,15 +230,12 @@ def alloc_staging(n_bytes: int) -> np.ndarray:
         mem = cupy.cuda.alloc_pinned_memory(n_bytes + ALIGN)
         buf = np.frombuffer(mem, np.uint8, n_bytes + ALIGN)
         off = (-buf.ctypes.data) % ALIGN
-        _PINNED_KEEPALIVE.append(mem)   # the numpy view does not own the pinned allocation
-        return buf[off:off + n_bytes]
+        return buf[off:off + n_bytes]   # the view's buffer export keeps `mem` alive, no longer
     except Exception:  # noqa: BLE001 - no cupy / no CUDA driver: plain aligned memory
         raw = np.empty(n_bytes + ALIGN, np.uint8)
         off = (-raw.ctypes.data) % ALIGN
         return raw[off:off + n_bytes]
 
-
-_PINNED_KEEPALIVE: list = []
 
 
 class PosixReader:
@@ -374,7 +371,6 @@ class Streamer:
         self._free_staging = list(range(n_staging))
         self._staging_lock = threading.Condition()
         self._io = cf.ThreadPoolExecutor(max_workers=max(1, self.depth), thread_name_prefix="ntj-fetch")
-        self._next = 0                              # index into order of the next fetch to issue
         self._closed = False
 
     # -- fetching --------------------------------------------------------------------------
