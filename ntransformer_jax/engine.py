@@ -26,7 +26,7 @@ from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, T
 from ntransformer_jax.sampling import SamplingParams, sample
 from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats, check_compatible,
                                           speculative_tokens)
-from ntransformer_jax.placement import layer_span, plan_for, staging_bytes
+from ntransformer_jax.placement import is_layered, layer_span, plan_for, staging_bytes
 from ntransformer_jax.tiers import (LayerSource, Streamer, StreamStats, TierOptions, available_ram,
                                     free_device_memory, open_reader)
 from ntransformer_jax.tokenizer import Tokenizer, decode_stream
@@ -190,7 +190,7 @@ class Engine:
         spans = [layer_span(f, i) for i in range(cfg.n_layers)]
         staging = staging_bytes(spans)
         self.placement = list(self.plan.tiers)
-        self.layered = opts.tiered or opts.streaming == "mmap" or any(t != "vram" for t in self.placement)
+        self.layered = is_layered(self.plan, opts)
         total = sum(layer_bytes)
         done = 0
         if not self.layered:

@@ -80,8 +80,3 @@ def plan_for(f: ModelFile, ctx_size: int, options: TierOptions, free_vram: int |
 def is_layered(plan: Plan, options: TierOptions) -> bool:
     """Whether the engine runs layer by layer (anything streams, or placement was asked for)."""
     return options.tiered or options.streaming == "mmap" or any(t != "vram" for t in plan.tiers)
-
-
-# ---------------------------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------------------------
