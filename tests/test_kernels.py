@@ -24,9 +24,9 @@ T = gguf.GGMLQuantizationType
 INTERPRET = os.environ.get("KERNELS_INTERPRET", "1") != "0"
 
 LEGACY = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0)  # gguf-py can quantize these
-K_QUANTS = (T.Q4_K, T.Q6_K)  # random bytes with finite half fields
+K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # random bytes with finite half fields
 # Byte offsets of the half fields (d, dmin) in one K-quant super-block (ggml-common.h).
-K_HALF_FIELDS = {T.Q4_K: (0, 2), T.Q6_K: (208,)}
+K_HALF_FIELDS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 TYPES = LEGACY + K_QUANTS
 
 # (N, K, M, x dtype, block sizes or None for the default)
@@ -102,7 +102,7 @@ def test_every_output_element_is_written(seed, qtype):
     fmt = qm._format(qtype)
     p = qm.plan(qtype, m_rows, n_rows, n_cols, qm.BlockSizes(block_n=16, block_k=256, split_k=2))
     poison = jnp.full((2, p.m_padded, n_rows), jnp.nan, jnp.float32)
-    out = qm._launch(qm._x_planes(x, fmt, p.m_padded), qm.repack(w_data, qtype), fmt, p,
+    out = qm._launch(qm._x_arrays(x, fmt, p.m_padded), qm.repack(w_data, qtype), fmt, p,
                      interpret=INTERPRET, out_init=poison)
     assert out.shape == (2, 4, n_rows)
     assert not np.isnan(np.asarray(out)).any(), f"unwritten output elements, seed={seed}"
@@ -112,14 +112,31 @@ def test_every_output_element_is_written(seed, qtype):
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_repack_size(qtype):
-    """Repacking moves bytes; only Q4_K grows (6-bit scales and mins unpacked to bytes)."""
+    """Repacking moves bytes; K-quants grow a little (the module docstring's table)."""
     rng = np.random.default_rng(0)
     w_data = random_weight(rng, qtype, 16, 512)
     packed = qm.repack(w_data, qtype)
     size = sum(a.size * a.dtype.itemsize for a in packed)
-    expect = w_data.nbytes * 148 // 144 if qtype == T.Q4_K else w_data.nbytes
-    assert size == expect
+    grow = {T.Q4_K: (148, 144), T.Q5_K: (180, 176), T.Q6_K: (212, 210)}.get(qtype, (1, 1))
+    assert size == w_data.nbytes * grow[0] // grow[1]
     assert all(a.shape[0] == 16 for a in packed)
+    assert [(a.shape, a.dtype) for a in packed] == [
+        (s.shape, s.dtype) for s in qm.packed_shapes(qtype, 16, 512)]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_packed_is_bit_exact(seed, qtype):
+    """Repack then dequantize_packed gives gguf-py's floats bit for bit (random bytes: every
+    bit pattern of the scale fields, not only what a quantizer writes)."""
+    rng = np.random.default_rng(seed)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    w_data = random_weight(rng, qtype, 8, 1024)
+    w_data[:4] = rng.integers(0, 256, w_data[:4].shape, dtype=np.uint8)  # NaN/inf halves too
+    got = np.asarray(qm.dequantize_packed(qm.repack(w_data, qtype), qtype, 1024))
+    with np.errstate(all="ignore"):
+        want = gguf.quants.dequantize(w_data, qtype).astype(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
+                                  err_msg=f"seed={seed}")
 
 
 def test_jit_and_bf16_match_reference(seed):
@@ -185,8 +202,12 @@ def test_invalid_inputs_raise(kwargs, pattern):
 
 def test_k_quant_block_k_must_cover_super_blocks():
     w_data = random_weight(np.random.default_rng(2), T.Q6_K, 32, 512)
-    with pytest.raises(InputError, match=r"block_k=128 must be a multiple of 256 for Q6_K"):
+    with pytest.raises(InputError, match=r"block_k=64 must be a multiple of 128 for Q6_K"):
         qm.qmatvec(jnp.ones((1, 512)), w_data, T.Q6_K, 512,
+                   block_sizes=qm.BlockSizes(block_k=64), interpret=INTERPRET)
+    w_data = random_weight(np.random.default_rng(2), T.Q4_K, 32, 512)
+    with pytest.raises(InputError, match=r"block_k=128 must be a multiple of 256 for Q4_K"):
+        qm.qmatvec(jnp.ones((1, 512)), w_data, T.Q4_K, 512,
                    block_sizes=qm.BlockSizes(block_k=128), interpret=INTERPRET)
 
 

@@ -1,36 +1,41 @@
 """Fused dequantize + matrix-vector product for decode: y[M, N] = x[M, K] @ W[N, K]^T.
 
-W stays quantized. Each Pallas program owns `block_n` output rows, walks K in chunks of `block_k`
-columns, dequantizes the chunk's blocks in registers and multiplies them into f32 accumulators;
-the float matrix never exists in memory.
+W stays quantized. Each Pallas program owns `block_n` output rows and walks K in chunks of
+`block_k` columns; per chunk it turns the quantized integers into floats in registers, multiplies
+them with x, sums each sub-block (the values that share one scale) and only then applies the
+sub-block's scale and offset. The float matrix never exists in memory.
 
-Layout. GGUF blocks are 18, 20, 22, 34, 144 or 210 bytes wide, and the Pallas Triton lowering
-only loads arrays whose sizes are powers of two. So `repack` splits each tensor once, at load
-time, into separate field arrays ("planes") with rows of N: quants, scales, high bits. Every
-tile loaded from them is [block_n, power of two]. The repack moves bytes only (half fields stay
-float16 bit patterns; Q4_K's packed 6-bit scales are unpacked to one byte each), so the kernel
-dequantizes exactly what `quants.dequantize` does. Sizes against the GGUF bytes:
+Layout. GGUF blocks are 18, 20, 22, 34, 144, 176 or 210 bytes wide, and the Pallas Triton
+lowering only loads power-of-two tiles. So `repack` splits each tensor once, at load time, into
+field arrays whose axis 0 is the row (N) and axis 1 the block along K; the remaining axes are
+powers of two. Tiles `[block_n, blocks per chunk, ...]` are then plain strided loads. Sizes against
+the GGUF bytes:
 
-| type | repacked arrays (each [N, ...])                                      | bytes per 256 values |
-| ---- | -------------------------------------------------------------------- | -------------------- |
-| Q8_0 | qs int8 K; d f16 K/32                                                 | 272 = GGUF           |
-| Q4_0 | qs uint8 K/2; d f16 K/32                                              | 144 = GGUF           |
-| Q4_1 | qs uint8 K/2; d, m f16 K/32                                           | 160 = GGUF           |
-| Q5_0 | qs uint8 K/2; d f16 K/32; qh int32 K/32                               | 176 = GGUF           |
-| Q4_K | qs uint8 K/2; d, dmin f16 K/256; sc/mn of even and odd sub-blocks K/64 | 148 = GGUF 144 + 2.8% |
-| Q6_K | ql uint8 K/2; qh uint8 K/4; sc of low and high plane int8 K/32; d K/256 | 210 = GGUF           |
+| type | repacked arrays (axis 1 = blocks of B values)                              | bytes per 256 values |
+| ---- | -------------------------------------------------------------------------- | -------------------- |
+| Q8_0 | B=32: qs [32] int8, d f16                                                  | 272 = GGUF           |
+| Q4_0 | B=32: qs [16] uint8, d f16                                                 | 144 = GGUF           |
+| Q4_1 | B=32: qs [16], d f16, m f16                                                | 160 = GGUF           |
+| Q5_0 | B=32: qs [16], d f16, qh int32                                             | 176 = GGUF           |
+| Q4_K | B=256: qs [4, 32]; d, dmin f16; scales and mins of even/odd sub-blocks [4] | 148 = GGUF 144 + 2.8% |
+| Q5_K | B=256: as Q4_K plus qh [32]                                                | 180 = GGUF 176 + 2.3% |
+| Q6_K | B=128: ql [2, 2, 16], qh [2, 16], scales of low/high nibbles [2, 2], d f16 | 212 = GGUF 210 + 1.0% |
 
-Nibble order. A 4-bit byte holds two values that are not neighbours in K (Q4_0: element j and
-j + 16 of its block). Instead of interleaving them in registers (no gathers in Triton), the
-wrapper permutes x, which is tiny: it splits x into two "planes", x_lo[p] and x_hi[p] = the x
-values that the low and high nibble of quant byte p multiply, and the kernel computes
-sum_p w_lo[p] * x_lo[p] + w_hi[p] * x_hi[p]. Q8_0 has one plane, x itself.
+(K-quants grow because their packed 6-bit scales get a byte each, and Q6_K's d is stored once per
+half super-block.) The repack moves bytes only; `dequantize_packed` undoes it bit for bit.
 
-Triton notes: every tensor in the kernel has power-of-two sizes (M is padded to 1, 2, 4 or 8);
-bits are unpacked with shifts and masks on int32; scales are broadcast over their block with
-broadcast + reshape (no gathers, no slicing of register values); the K loop is a `fori_loop`
-inside the kernel because Triton grid programs cannot accumulate into a shared output, and a
-K-split (`split_k`) gives each program a slice of K and writes partial sums that the wrapper adds.
+Arithmetic. A 4-bit byte holds two values that are not neighbours in K (Q4_0: element j and
+j + 16 of its block). The kernel keeps them apart as a "low" and a "high" plane and the wrapper
+splits x the same way, which is cheap (x is one row per token). Integers become floats without
+conversion instructions (a quarter-rate unit on NVIDIA GPUs): OR-ing a value v < 2^23 into the bit
+pattern 0x4B000000 gives the float 2^23 + v, and one subtraction, which also removes the type's
+zero point (8 for Q4_0), leaves v - z exactly. The high nibble is masked in place (16 v), and
+the high x plane is divided by 16 instead, which is exact. Offsets that are not constants (Q4_1's
+m, the K-quants' mins) multiply the sub-block sums of x, which the wrapper computes once.
+
+Triton notes: all tile sizes are powers of two (M is padded to 1, 2, 4 or 8); the K loop is a
+`fori_loop` inside the kernel; a K-split (`split_k`) gives each program a slice of K and writes
+partial sums that the wrapper adds, which raises the program count for short matrices.
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ class BlockSizes:
 
     Attributes:
         block_n: output rows per program; a power of two dividing N.
-        block_k: K columns per loop step; a power of two, a multiple of the type's block size
-            (32, or 256 for K-quants), dividing K / split_k.
+        block_k: K columns per loop step; a power of two, a multiple of the type's packed block
+            (32 values, 128 for Q6_K, 256 for Q4_K/Q5_K), dividing K / split_k.
         split_k: programs sharing one row tile, each over K / split_k columns; their partial
             sums are added by the wrapper. Raises the program count for short matrices.
         num_warps, num_stages: Triton launch options (ignored in interpret mode).
@@ -82,15 +87,15 @@ class BlockSizes:
     @classmethod
     def get_default(cls, qtype: gguf.GGMLQuantizationType, n_rows: int,
                     n_cols: int) -> BlockSizes:
-        """The default tiling for an [n_rows, n_cols] matrix of `qtype` (untuned so far).
+        """The default tiling for an [n_rows, n_cols] matrix of `qtype`.
 
-        Takes the largest power of two up to 32 rows and 256 columns that divides the shape
-        (`qmatvec` rejects shapes where that falls below the minimum), then splits K until there
-        are about 256 programs, enough to fill an H100's 132 SMs twice.
+        Takes the largest power of two up to `block_n` rows and `block_k` columns that divides
+        the shape (`qmatvec` rejects shapes where that falls below the minimum), then splits K
+        until there are about `TARGET_PROGRAMS` programs.
         """
         fmt = _format(qtype)
         block_n = max(_pow2_divisor(n_rows, cls.block_n), MIN_BLOCK_N)
-        block_k = max(_pow2_divisor(n_cols, cls.block_k), fmt.k_align)
+        block_k = max(_pow2_divisor(n_cols, max(cls.block_k, fmt.block)), fmt.block)
         split_k = 1
         while (n_rows // block_n * split_k < TARGET_PROGRAMS
                and n_cols % (2 * split_k * block_k) == 0):
@@ -115,13 +120,16 @@ def _is_pow2(n: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Formats: repack (load time, XLA) and in-register dequantization (inside the kernel).
+# Formats: repack (load time, XLA) and the in-register arithmetic (inside the kernel).
 # ---------------------------------------------------------------------------------------------
 
-def _expand(v: jax.Array, g: int) -> jax.Array:
-    """Repeat each column of `v [R, G]` g times: `[R, G * g]` (a per-block scale over its block)."""
-    r, n = v.shape
-    return jnp.broadcast_to(v[:, :, None], (r, n, g)).reshape(r, n * g)
+MAGIC = 0x4B000000   # bit pattern of the float32 2^23; OR-ing v < 2^23 into it gives 2^23 + v
+TWO_23 = float(1 << 23)
+
+
+def _int_float(bits: jax.Array, zero: float) -> jax.Array:
+    """`bits - zero` as float32, for int32 `bits` in [0, 2^23): exact, no conversion unit."""
+    return lax.bitcast_convert_type(bits | MAGIC, jnp.float32) - (TWO_23 + zero)
 
 
 def _f32(v: jax.Array) -> jax.Array:
@@ -132,142 +140,257 @@ def _i32(v: jax.Array) -> jax.Array:
     return v.astype(jnp.int32)
 
 
-class _Format(NamedTuple):
-    """How one GGML type is repacked and dequantized.
-
-    `per_col[i]` is how many K values share one column of packed array i, so a K-chunk of
-    `block_k` values is `block_k // per_col[i]` columns of it. `plane_width` w: x is split into
-    planes by `x.reshape(M, K // (2w), 2, w)` (low nibbles take index 0, high nibbles index 1);
-    None for a single plane. `split` maps blocks `[N, n_blocks, type_size]` uint8 to the packed
-    arrays; `dequant` maps their tiles to one f32 weight tile `[block_n, block_k / planes]` per
-    plane, in plane order.
-    """
-
-    k_align: int
-    per_col: tuple[int, ...]
-    plane_width: int | None
-    split: Callable[[jax.Array], tuple[jax.Array, ...]]
-    dequant: Callable[..., tuple[jax.Array, ...]]
-
-    @property
-    def planes(self) -> int:
-        return 1 if self.plane_width is None else 2
-
-
 def _half(field: jax.Array) -> jax.Array:
-    """Little-endian 2-byte fields `[N, nb, 2]` as float16 `[N, nb]` (bit pattern kept)."""
+    """Little-endian 2-byte fields `[..., 2]` uint8 as float16 `[...]` (bit pattern kept)."""
     return lax.bitcast_convert_type(field, jnp.float16)
 
 
-def _rows(v: jax.Array) -> jax.Array:
-    """`[N, nb, w]` -> `[N, nb * w]`."""
-    return v.reshape(v.shape[0], -1)
+def _bytes(v: jax.Array) -> jax.Array:
+    """The inverse of `_half` (and of int32/int8 views): `[...]` -> `[..., itemsize]` uint8."""
+    if v.dtype.itemsize == 1:
+        return lax.bitcast_convert_type(v, jnp.uint8)[..., None]
+    return lax.bitcast_convert_type(v, jnp.uint8)
 
 
-def _nibbles(q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    q = _i32(q)
-    return q & 0xF, q >> 4
+def _cat(*fields: jax.Array) -> jax.Array:
+    """Concatenate byte fields `[N, nb, w_i]` into blocks `[N, nb, sum w_i]`."""
+    return jnp.concatenate(fields, axis=-1)
 
 
-# Q8_0, 34-byte blocks `half d; int8 qs[32]`; y = qs * d.
+def _iota(shape: tuple[int, ...], axis: int) -> jax.Array:
+    return lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _sum(v: jax.Array, axes: int = 1) -> jax.Array:
+    """Sum over the last `axes` axes, one at a time (Triton reduces one axis per op)."""
+    for _ in range(axes):
+        v = jnp.sum(v, axis=-1)
+    return v
+
+
+class _Format(NamedTuple):
+    """How one GGML type is repacked and multiplied.
+
+    block: K values per step of axis 1 of every packed array.
+    split: GGUF blocks `[N, nb, type_size]` uint8 -> the packed arrays (`repack`).
+    join: the packed arrays -> GGUF blocks (`dequantize_packed`); `join(*split(b)) == b`.
+    x_split: x `[M, K / block, block]` f32 -> the x arrays the kernel reads, `[M, K / block, ...]`.
+    unpack: weight tiles `[block_n, blocks, ...]` -> the floats and scales shared by all x rows.
+    dot: (unpacked, x tiles of one row) -> `[block_n, blocks]`: each block's share of y.
+    """
+
+    block: int
+    split: Callable[[jax.Array], tuple[jax.Array, ...]]
+    join: Callable[..., jax.Array]
+    x_split: Callable[[jax.Array], tuple[jax.Array, ...]]
+    unpack: Callable[..., tuple[jax.Array, ...]]
+    dot: Callable[[tuple[jax.Array, ...], tuple[jax.Array, ...]], jax.Array]
+
+
+def _x_nibble_planes(x):
+    """Legacy 4/5-bit types: element j of a block pairs with j + 16 in one byte."""
+    return x[..., :16], x[..., 16:] * (1 / 16)
+
+
+def _dot_planes(u, xs):
+    """sum_j lo_j x_lo_j + hi_j x_hi_j per block, times the block's scale."""
+    lo, hi, d = u[:3]
+    return d * _sum(lo * xs[0][None] + hi * xs[1][None])
+
+
+# Q8_0: 34-byte blocks `half d; int8 qs[32]`; y = d * qs. The int8 byte u flipped at bit 7 is
+# qs + 128 in [0, 256).
 def _split_q8_0(b):
-    return _rows(lax.bitcast_convert_type(b[..., 2:], jnp.int8)), _half(b[..., 0:2])
+    return b[..., 2:], _half(b[..., 0:2])
 
 
-def _dequant_q8_0(qs, d):
-    return (_f32(qs) * _expand(_f32(d), 32),)
+def _join_q8_0(qs, d):
+    return _cat(_bytes(d), qs)
 
 
-# Q4_0, 18-byte blocks `half d; uint8 qs[16]`: low nibble of qs[j] is element j, high nibble
-# element j + 16; y = d * (q - 8).
+def _unpack_q8_0(qs, d):
+    return _int_float(_i32(qs) ^ 0x80, 128.0), _f32(d)
+
+
+def _dot_q8_0(u, xs):
+    q, d = u
+    return d * _sum(q * xs[0][None])
+
+
+# Q4_0: 18-byte blocks `half d; uint8 qs[16]`: the low nibble of qs[j] is element j, the high
+# nibble element j + 16; y = d * (q - 8).
 def _split_q4_0(b):
-    return _rows(b[..., 2:]), _half(b[..., 0:2])
+    return b[..., 2:], _half(b[..., 0:2])
 
 
-def _dequant_q4_0(qs, d):
-    d = _expand(_f32(d), 16)
-    lo, hi = _nibbles(qs)
-    return d * _f32(lo - 8), d * _f32(hi - 8)
+def _join_q4_0(qs, d):
+    return _cat(_bytes(d), qs)
 
 
-# Q4_1, 20-byte blocks `half d; half m; uint8 qs[16]`; nibbles as Q4_0; y = d * q + m.
+def _unpack_q4_0(qs, d):
+    b = _i32(qs)
+    return _int_float(b & 0xF, 8.0), _int_float(b & 0xF0, 128.0), _f32(d)
+
+
+# Q4_1: 20-byte blocks `half d; half m; uint8 qs[16]`; nibbles as Q4_0; y = d * q + m.
 def _split_q4_1(b):
-    return _rows(b[..., 4:]), _half(b[..., 0:2]), _half(b[..., 2:4])
+    return b[..., 4:], _half(b[..., 0:2]), _half(b[..., 2:4])
 
 
-def _dequant_q4_1(qs, d, m):
-    d, m = _expand(_f32(d), 16), _expand(_f32(m), 16)
-    lo, hi = _nibbles(qs)
-    return d * _f32(lo) + m, d * _f32(hi) + m
+def _join_q4_1(qs, d, m):
+    return _cat(_bytes(d), _bytes(m), qs)
 
 
-# Q5_0, 22-byte blocks `half d; uint8 qh[4]; uint8 qs[16]`: nibbles as Q4_0, bit j of the
+def _x_q4_1(x):
+    return (*_x_nibble_planes(x), _sum(x))
+
+
+def _unpack_q4_1(qs, d, m):
+    b = _i32(qs)
+    return _int_float(b & 0xF, 0.0), _int_float(b & 0xF0, 0.0), _f32(d), _f32(m)
+
+
+def _dot_q4_1(u, xs):
+    return _dot_planes(u, xs) + u[3] * xs[2]
+
+
+# Q5_0: 22-byte blocks `half d; uint8 qh[4]; uint8 qs[16]`: nibbles as Q4_0; bit j of the
 # little-endian word qh is bit 4 of element j; y = d * (q - 16).
 def _split_q5_0(b):
-    return _rows(b[..., 6:]), _half(b[..., 0:2]), lax.bitcast_convert_type(b[..., 2:6], jnp.int32)
+    return b[..., 6:], _half(b[..., 0:2]), lax.bitcast_convert_type(b[..., 2:6], jnp.int32)
 
 
-def _dequant_q5_0(qs, d, qh):
-    rows, nb = qh.shape
-    j = lax.broadcasted_iota(jnp.int32, (rows, nb, 16), 2)
-    qh = jnp.broadcast_to(qh[:, :, None], (rows, nb, 16))
-    h_lo = ((qh >> j) & 1).reshape(rows, nb * 16)
-    h_hi = ((qh >> (j + 16)) & 1).reshape(rows, nb * 16)
-    d = _expand(_f32(d), 16)
-    lo, hi = _nibbles(qs)
-    return d * _f32((lo | (h_lo << 4)) - 16), d * _f32((hi | (h_hi << 4)) - 16)
+def _join_q5_0(qs, d, qh):
+    return _cat(_bytes(d), _bytes(qh), qs)
 
 
-# Q4_K, 144-byte super-blocks `half d; half dmin; uint8 scales[12]; uint8 qs[128]`. Byte chunk c
-# (32 bytes) holds sub-block 2c in its low nibbles and 2c + 1 in its high nibbles; so the low
-# plane sees the even sub-blocks, the high plane the odd ones. y = (d * sc) * q - (dmin * mn).
-def _split_q4_k(b):
+def _unpack_q5_0(qs, d, qh):
+    b = _i32(qs)
+    j = _iota(b.shape, 2)
+    h = qh[:, :, None]
+    lo = (b & 0xF) | (((h << 4) >> j) & 0x10)        # bit j of qh -> bit 4
+    hi = (b & 0xF0) | ((h >> (j + 8)) & 0x100)       # bit j + 16 -> bit 8 (16 x bit 4)
+    return _int_float(lo, 16.0), _int_float(hi, 256.0), _f32(d)
+
+
+# K-quants with 4-bit nibbles (Q4_K, Q5_K): 256-value super-blocks of eight sub-blocks of 32
+# with 6-bit scales and mins. Byte chunk c (32 bytes) holds sub-block 2c in its low nibbles and
+# 2c + 1 in its high nibbles, so the low plane sees the even sub-blocks, the high plane the odd.
+# y = (d * sc) * q - (dmin * mn).
+def _k_scales(b):
     sc, mn = quants._k_scale_min(b[..., 4:16])  # [N, nb, 8] uint8 each
-    return (_rows(b[..., 16:]), _half(b[..., 0:2]), _half(b[..., 2:4]),
-            _rows(sc[..., 0::2]), _rows(sc[..., 1::2]), _rows(mn[..., 0::2]), _rows(mn[..., 1::2]))
+    return (_half(b[..., 0:2]), _half(b[..., 2:4]),
+            sc[..., 0::2], sc[..., 1::2], mn[..., 0::2], mn[..., 1::2])
 
 
-def _dequant_q4_k(qs, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi):
-    d, dmin = _expand(_f32(d), 4), _expand(_f32(dmin), 4)  # [R, sub-blocks per plane]
-    planes = []
-    for q, sc, mn in zip(_nibbles(qs), (sc_lo, sc_hi), (mn_lo, mn_hi)):
-        dl, ml = _expand(d * _f32(sc), 32), _expand(dmin * _f32(mn), 32)
-        planes.append(dl * _f32(q) - ml)
-    return tuple(planes)
+def _k_scales_bytes(d, dmin, sc_lo, sc_hi, mn_lo, mn_hi):
+    """The inverse of `_k_scales`: `half d; half dmin; uint8 scales[12]`."""
+    sc = jnp.stack([sc_lo, sc_hi], axis=-1).reshape(*sc_lo.shape[:-1], 8)
+    mn = jnp.stack([mn_lo, mn_hi], axis=-1).reshape(*mn_lo.shape[:-1], 8)
+    low = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    mid = mn[..., :4] | ((mn[..., 4:] >> 4) << 6)
+    high = (sc[..., 4:] & 0xF) | ((mn[..., 4:] & 0xF) << 4)
+    return _cat(_bytes(d), _bytes(dmin), low, mid, high)
 
 
-# Q6_K, 210-byte super-blocks `uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d`. Half h,
-# nibble n, byte i of ql[64h:64h+64] is element 128h + 64n + i; its high 2 bits are bit pair
-# 2n + i // 32 of qh[32h + i % 32]. Sub-blocks of 16 with int8 scales; y = (d * sc) * (q - 32).
-# Low plane p = 64h + 32a + i' (a = i // 32) holds element 128h + 32a + i', sub-block
-# 8h + 2a + i' // 16; the high plane adds 64 to the element and 4 to the sub-block.
+def _x_k_planes(x):
+    """x `[M, nb, 256]` -> low and high planes `[M, nb, 4, 32]` and their sub-block sums."""
+    x = x.reshape(*x.shape[:2], 4, 2, 32)
+    lo, hi = x[..., 0, :], x[..., 1, :]
+    return lo, hi * (1 / 16), _sum(lo), _sum(hi)
+
+
+def _dot_k_planes(u, xs):
+    lo, hi, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi = u
+    x_lo, x_hi, sx_lo, sx_hi = xs
+    s_lo, s_hi = _sum(lo * x_lo[None]), _sum(hi * x_hi[None])   # [block_n, blocks, 4]
+    t = (d[:, :, None] * (sc_lo * s_lo + sc_hi * s_hi)
+         - dmin[:, :, None] * (mn_lo * sx_lo[None] + mn_hi * sx_hi[None]))
+    return _sum(t)
+
+
+# Q4_K: 144-byte super-blocks `half d; half dmin; uint8 scales[12]; uint8 qs[128]`.
+def _split_q4_k(b):
+    return (b[..., 16:].reshape(*b.shape[:2], 4, 32), *_k_scales(b))
+
+
+def _join_q4_k(qs, *scales):
+    return _cat(_k_scales_bytes(*scales), qs.reshape(*qs.shape[:2], 128))
+
+
+def _unpack_q4_k(qs, *scales):
+    b = _i32(qs)
+    return (_int_float(b & 0xF, 0.0), _int_float(b & 0xF0, 0.0), *map(_f32, scales))
+
+
+# Q5_K: 176-byte super-blocks `half d; half dmin; uint8 scales[12]; uint8 qh[32]; uint8
+# qs[128]`; nibbles as Q4_K; bit 2c of qh[l] is bit 4 of chunk c's low value l, bit 2c + 1 of
+# its high value.
+def _split_q5_k(b):
+    return (b[..., 48:].reshape(*b.shape[:2], 4, 32), b[..., 16:48], *_k_scales(b))
+
+
+def _join_q5_k(qs, qh, *scales):
+    return _cat(_k_scales_bytes(*scales), qh, qs.reshape(*qs.shape[:2], 128))
+
+
+def _unpack_q5_k(qs, qh, *scales):
+    b = _i32(qs)                                   # [block_n, blocks, 4, 32]
+    h = _i32(qh)[:, :, None, :]                    # [block_n, blocks, 1, 32]
+    c2 = 2 * _iota(b.shape, 2)
+    lo = (b & 0xF) | (((h << 4) >> c2) & 0x10)     # bit 2c -> bit 4
+    hi = (b & 0xF0) | (((h << 7) >> c2) & 0x100)   # bit 2c + 1 -> bit 8 (16 x bit 4)
+    return (_int_float(lo, 0.0), _int_float(hi, 0.0), *map(_f32, scales))
+
+
+# Q6_K: 210-byte super-blocks `uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d`, packed per
+# half h (128 values). Byte i = 32a + 16b + j of the half's ql[64] holds element 32a + 16b + j in
+# its low nibble and element 64 + 32a + 16b + j in its high nibble; their top two bits are the
+# bit pairs 2a and 2a + 2 of qh[16b + j]; their sub-blocks (16 values) are 8h + 2a + b and
+# 8h + 4 + 2a + b. y = (d * sc) * (q - 32).
 def _split_q6_k(b):
     n, nb = b.shape[:2]
-    sc = lax.bitcast_convert_type(b[..., 192:208], jnp.int8).reshape(n, nb, 2, 2, 4)  # [.., h, n, 4]
-    return (_rows(b[..., 0:128]), _rows(b[..., 128:192]), _rows(sc[:, :, :, 0]),
-            _rows(sc[:, :, :, 1]), _half(b[..., 208:210]))
+    sc = lax.bitcast_convert_type(b[..., 192:208], jnp.int8).reshape(n, nb, 2, 2, 2, 2)
+    return (b[..., :128].reshape(n, 2 * nb, 2, 2, 16), b[..., 128:192].reshape(n, 2 * nb, 2, 16),
+            sc[:, :, :, 0].reshape(n, 2 * nb, 2, 2), sc[:, :, :, 1].reshape(n, 2 * nb, 2, 2),
+            jnp.repeat(_half(b[..., 208:210]), 2, axis=1))
 
 
-def _dequant_q6_k(ql, qh, sc_lo, sc_hi, d):
-    rows, w = qh.shape  # w = 64 per super-block
-    qh = jnp.broadcast_to(_i32(qh).reshape(rows, w // 32, 1, 32), (rows, w // 32, 2, 32))
-    shift = 2 * lax.broadcasted_iota(jnp.int32, qh.shape, 2)  # bit pair a of a low-plane byte
-    h_lo = ((qh >> shift) & 3).reshape(rows, 2 * w)
-    h_hi = ((qh >> (shift + 4)) & 3).reshape(rows, 2 * w)
-    d = _expand(_f32(d), 8)
-    planes = []
-    for q, h, sc in zip(_nibbles(ql), (h_lo, h_hi), (sc_lo, sc_hi)):
-        planes.append(_expand(d * _f32(sc), 16) * _f32((q | (h << 4)) - 32))
-    return tuple(planes)
+def _join_q6_k(ql, qh, sc_lo, sc_hi, d):
+    n, nb = ql.shape[0], ql.shape[1] // 2
+    sc = jnp.stack([sc_lo.reshape(n, nb, 2, 2, 2), sc_hi.reshape(n, nb, 2, 2, 2)], axis=3)
+    return _cat(ql.reshape(n, nb, 128), qh.reshape(n, nb, 64),
+                _bytes(sc.reshape(n, nb, 16)).reshape(n, nb, 16), _bytes(d[:, 0::2]))
+
+
+def _x_q6_k(x):
+    x = x.reshape(*x.shape[:2], 2, 2, 2, 16)
+    return x[:, :, 0], x[:, :, 1] * (1 / 16)
+
+
+def _unpack_q6_k(ql, qh, sc_lo, sc_hi, d):
+    b = _i32(ql)                                   # [block_n, blocks, 2, 2, 16]
+    h = _i32(qh)[:, :, None]                       # [block_n, blocks, 1, 2, 16]
+    t = (h << 4) >> (2 * _iota(b.shape, 2))        # pair 2a -> bits 4-5, pair 2a + 2 -> bits 8-9
+    lo = (b & 0xF) | (t & 0x30)
+    hi = (b & 0xF0) | (t & 0x300)
+    return _int_float(lo, 32.0), _int_float(hi, 512.0), _f32(sc_lo), _f32(sc_hi), _f32(d)
+
+
+def _dot_q6_k(u, xs):
+    lo, hi, sc_lo, sc_hi, d = u
+    t = sc_lo * _sum(lo * xs[0][None]) + sc_hi * _sum(hi * xs[1][None])  # [block_n, blocks, 2, 2]
+    return d * _sum(t, 2)
 
 
 _FORMATS: dict[gguf.GGMLQuantizationType, _Format] = {
-    T.Q8_0: _Format(32, (1, 32), None, _split_q8_0, _dequant_q8_0),
-    T.Q4_0: _Format(32, (2, 32), 16, _split_q4_0, _dequant_q4_0),
-    T.Q4_1: _Format(32, (2, 32, 32), 16, _split_q4_1, _dequant_q4_1),
-    T.Q5_0: _Format(32, (2, 32, 32), 16, _split_q5_0, _dequant_q5_0),
-    T.Q4_K: _Format(256, (2, 256, 256, 64, 64, 64, 64), 32, _split_q4_k, _dequant_q4_k),
-    T.Q6_K: _Format(256, (2, 4, 32, 32, 256), 64, _split_q6_k, _dequant_q6_k),
+    T.Q8_0: _Format(32, _split_q8_0, _join_q8_0, lambda x: (x,), _unpack_q8_0, _dot_q8_0),
+    T.Q4_0: _Format(32, _split_q4_0, _join_q4_0, _x_nibble_planes, _unpack_q4_0, _dot_planes),
+    T.Q4_1: _Format(32, _split_q4_1, _join_q4_1, _x_q4_1, _unpack_q4_1, _dot_q4_1),
+    T.Q5_0: _Format(32, _split_q5_0, _join_q5_0, _x_nibble_planes, _unpack_q5_0, _dot_planes),
+    T.Q4_K: _Format(256, _split_q4_k, _join_q4_k, _x_k_planes, _unpack_q4_k, _dot_k_planes),
+    T.Q5_K: _Format(256, _split_q5_k, _join_q5_k, _x_k_planes, _unpack_q5_k, _dot_k_planes),
+    T.Q6_K: _Format(128, _split_q6_k, _join_q6_k, _x_q6_k, _unpack_q6_k, _dot_q6_k),
 }
 
 SUPPORTED_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(_FORMATS)
@@ -291,7 +414,7 @@ def _format(qtype: object) -> _Format:
 
 
 # ---------------------------------------------------------------------------------------------
-# Repack.
+# Repack and its inverse.
 # ---------------------------------------------------------------------------------------------
 
 def _check_weight(w_data: jax.Array, qtype: gguf.GGMLQuantizationType, n_cols: int) -> None:
@@ -310,7 +433,7 @@ def _check_weight(w_data: jax.Array, qtype: gguf.GGMLQuantizationType, n_cols: i
 
 def repack(w_data: jax.Array, qtype: gguf.GGMLQuantizationType,
            n_cols: int | None = None) -> tuple[jax.Array, ...]:
-    """Split GGUF rows into the kernel's planar layout (see the module docstring's table).
+    """Split GGUF rows into the kernel's layout (see the module docstring's table).
 
     Run it once when a weight is loaded, not per call: it reads and writes the whole matrix.
 
@@ -320,8 +443,7 @@ def repack(w_data: jax.Array, qtype: gguf.GGMLQuantizationType,
         n_cols: K, values per row; derived from the row width when None.
 
     Returns:
-        The packed arrays, each [N, K / per-column values], in the order `qmatvec_packed` takes.
-        Same total bytes as `w_data` except Q4_K (+2.8%: 6-bit scales and mins get a byte each).
+        The packed arrays, each [N, K / block, ...], in the order `qmatvec_packed` takes.
 
     Raises:
         InputError: unsupported type or a row width that is not whole blocks of `n_cols` values.
@@ -333,44 +455,55 @@ def repack(w_data: jax.Array, qtype: gguf.GGMLQuantizationType,
     if n_cols is None:
         n_cols = w_data.shape[-1] // type_size * block_size
     _check_weight(w_data, qtype, n_cols)
-    blocks = w_data.reshape(w_data.shape[0], n_cols // block_size, type_size)
-    return fmt.split(blocks)
+    return fmt.split(w_data.reshape(w_data.shape[0], n_cols // block_size, type_size))
+
+
+def packed_shapes(qtype: gguf.GGMLQuantizationType, n_rows: int,
+                  n_cols: int) -> list[jax.ShapeDtypeStruct]:
+    """Shapes and dtypes `repack` returns for an [n_rows, n_cols] matrix (nothing is computed)."""
+    qtype = T(qtype)
+    w = jax.ShapeDtypeStruct((n_rows, quants.row_bytes(qtype, n_cols)), jnp.uint8)
+    return list(jax.eval_shape(lambda w: repack(w, qtype, n_cols), w))
+
+
+def dequantize_packed(packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizationType,
+                      n_cols: int) -> jax.Array:
+    """float32 [N, K] from `repack`'s arrays, bit-identical to `quants.dequantize` of the GGUF
+    rows (the prefill path: a matmul needs the float matrix anyway)."""
+    fmt = _format(qtype)
+    blocks = fmt.join(*packed)
+    return quants.dequantize(blocks.reshape(blocks.shape[0], -1), T(qtype), n_cols)
 
 
 # ---------------------------------------------------------------------------------------------
 # The kernel.
 # ---------------------------------------------------------------------------------------------
 
-def _qmatvec_kernel(x_ref, *refs, fmt: _Format, block_k: int, n_chunks: int, m_rows: int):
-    """One program: rows [block_n] of the output, over chunks [k0, k0 + n_chunks) of K.
+def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: int,
+                    m_rows: int):
+    """One program: rows [block_n] of the output, over chunks [c0, c0 + n_chunks) of K.
 
-    x_ref: [P, Mp, K / P] f32, x split into planes. refs: the packed weight arrays, each
-    [block_n, K / per_col], then o_ref: [Mp, block_n] f32 partial sums of this K-split.
+    refs: the packed weight arrays (tiles [block_n, K / block, ...]), the x arrays
+    ([Mp, K / block, ...]), then o_ref: [Mp, block_n] f32 partial sums of this K-split.
     """
-    *w_refs, o_ref = refs
-    block_n = o_ref.shape[-1]
-    k_plane = block_k // fmt.planes
+    w_refs, x_refs, o_ref = refs[:n_weights], refs[n_weights:-1], refs[-1]
     chunk0 = pl.program_id(1) * n_chunks
 
-    def step(i, acc):
-        c = chunk0 + i
-        tiles = []
-        for ref, per_col in zip(w_refs, fmt.per_col):
-            width = block_k // per_col
-            tiles.append(ref[:, pl.ds(pl.multiple_of(c * width, width), width)])
-        weights = fmt.dequant(*tiles)  # planes of [block_n, k_plane] f32
-        acc = list(acc)
-        for p, w in enumerate(weights):
-            start = pl.multiple_of(c * k_plane, k_plane)
-            for m in range(m_rows):
-                xm = x_ref[p, m, pl.ds(start, k_plane)]  # [k_plane]
-                acc[m] = acc[m] + jnp.sum(w * xm[None, :], axis=1)
-        return tuple(acc)
+    def tile(ref, lead, start):
+        rest = (slice(None),) * (len(ref.shape) - len(lead) - 1)
+        return ref[(*lead, pl.ds(start, blocks), *rest)]
 
-    zeros = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(m_rows))
+    def step(i, acc):
+        start = pl.multiple_of((chunk0 + i) * blocks, blocks)
+        unpacked = fmt.unpack(*(tile(r, (slice(None),), start) for r in w_refs))
+        return tuple(a + fmt.dot(unpacked, tuple(tile(r, (m,), start) for r in x_refs))
+                     for m, a in enumerate(acc))
+
+    block_n = o_ref.shape[-1]
+    zeros = tuple(jnp.zeros((block_n, blocks), jnp.float32) for _ in range(m_rows))
     acc = lax.fori_loop(0, n_chunks, step, zeros)
     for m in range(m_rows):
-        o_ref[m, :] = acc[m]
+        o_ref[m, :] = jnp.sum(acc[m], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,8 +545,8 @@ def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int
         raise InputError(f"block_n={bs.block_n} must be at least {MIN_BLOCK_N}")
     if n_rows % bs.block_n:
         raise InputError(f"{n_rows=} must be a multiple of block_n={bs.block_n}")
-    if bs.block_k % fmt.k_align:
-        raise InputError(f"block_k={bs.block_k} must be a multiple of {fmt.k_align}"
+    if bs.block_k % fmt.block:
+        raise InputError(f"block_k={bs.block_k} must be a multiple of {fmt.block}"
                          f" for {qtype.name}")
     if n_cols % (bs.split_k * bs.block_k):
         raise InputError(f"{n_cols=} must be a multiple of split_k * block_k"
@@ -423,34 +556,40 @@ def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int
                 n_chunks=n_cols // (bs.split_k * bs.block_k))
 
 
-def _x_planes(x: jax.Array, fmt: _Format, m_padded: int) -> jax.Array:
-    """x [M, K] -> [P, Mp, K / P] f32: zero rows up to Mp, nibble planes split off."""
+def _x_arrays(x: jax.Array, fmt: _Format, m_padded: int) -> tuple[jax.Array, ...]:
+    """x [M, K] -> the format's x arrays [Mp, K / block, ...] f32, zero rows up to Mp."""
     m, k = x.shape
     x = jnp.pad(x.astype(jnp.float32), ((0, m_padded - m), (0, 0)))
-    if fmt.plane_width is None:
-        return x[None]
-    w = fmt.plane_width
-    return jnp.moveaxis(x.reshape(m_padded, k // (2 * w), 2, w), 2, 0).reshape(2, m_padded, k // 2)
+    return fmt.x_split(x.reshape(m_padded, k // fmt.block, fmt.block))
 
 
-def _launch(xs: jax.Array, packed: tuple[jax.Array, ...], fmt: _Format, p: Plan, *,
+def _whole(a: jax.Array) -> pl.BlockSpec:
+    return pl.BlockSpec(a.shape, lambda n, s: (0,) * a.ndim)
+
+
+def _row_tile(a: jax.Array, block_n: int) -> pl.BlockSpec:
+    return pl.BlockSpec((block_n, *a.shape[1:]), lambda n, s: (n,) + (0,) * (a.ndim - 1))
+
+
+def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Format, p: Plan, *,
             interpret: bool, out_init: jax.Array | None = None) -> jax.Array:
-    """Run the kernel on x planes `xs`; returns the partial sums [split_k, Mp, N] f32.
+    """Run the kernel on the x arrays `xs`; returns the partial sums [split_k, Mp, N] f32.
 
     `out_init`, if given, is the output buffer's starting content (tests poison it with NaN).
     """
     bs = p.block_sizes
     n_rows = packed[0].shape[0]
-    in_specs = [pl.BlockSpec(xs.shape, lambda n, s: (0, 0, 0))]
-    in_specs += [pl.BlockSpec((bs.block_n, a.shape[1]), lambda n, s: (n, 0)) for a in packed]
-    operands = [xs, *packed]
+    out_spec = pl.BlockSpec((None, p.m_padded, bs.block_n), lambda n, s: (s, 0, n))
+    in_specs = [_row_tile(a, bs.block_n) for a in packed] + [_whole(a) for a in xs]
+    operands = [*packed, *xs]
     aliases = {}
     if out_init is not None:
-        in_specs.append(pl.BlockSpec((None, p.m_padded, bs.block_n), lambda n, s: (s, 0, n)))
+        in_specs.append(out_spec)
         operands.append(out_init)
         aliases = {len(operands) - 1: 0}
-    kernel = functools.partial(_qmatvec_kernel, fmt=fmt, block_k=bs.block_k,
-                               n_chunks=p.n_chunks, m_rows=p.m_padded)
+    kernel = functools.partial(_qmatvec_kernel, fmt=fmt, n_weights=len(packed),
+                               blocks=bs.block_k // fmt.block, n_chunks=p.n_chunks,
+                               m_rows=p.m_padded)
     if out_init is not None:
         kernel = _drop_arg(kernel, -2)
     return pl.pallas_call(
@@ -458,7 +597,7 @@ def _launch(xs: jax.Array, packed: tuple[jax.Array, ...], fmt: _Format, p: Plan,
         out_shape=jax.ShapeDtypeStruct((bs.split_k, p.m_padded, n_rows), jnp.float32),
         grid=p.grid,
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, p.m_padded, bs.block_n), lambda n, s: (s, 0, n)),
+        out_specs=out_spec,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
@@ -508,13 +647,13 @@ def qmatvec_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     qtype = T(qtype)
     _check_x(x, n_cols)
     n_rows = packed[0].shape[0]
-    expect = [(n_rows, n_cols // c) for c in fmt.per_col]
-    got = [tuple(a.shape) for a in packed]
+    expect = [(tuple(s.shape), s.dtype) for s in packed_shapes(qtype, n_rows, n_cols)]
+    got = [(tuple(a.shape), a.dtype) for a in packed]
     if got != expect:
         raise InputError(f"packed {qtype.name} arrays have shapes {got}, expected {expect}"
                          f" for {n_cols=} (pass the output of repack)")
     p = plan(qtype, x.shape[0], n_rows, n_cols, block_sizes)
-    out = _launch(_x_planes(x, fmt, p.m_padded), packed, fmt, p, interpret=interpret)
+    out = _launch(_x_arrays(x, fmt, p.m_padded), packed, fmt, p, interpret=interpret)
     return out.sum(axis=0)[: x.shape[0]]  # [M, N]
 
 
