@@ -27,8 +27,8 @@ from ntransformer_jax.sampling import SamplingParams, sample
 from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats, check_compatible,
                                           speculative_tokens)
 from ntransformer_jax.placement import is_layered, layer_span, plan_for, staging_bytes
-from ntransformer_jax.tiers import (LayerSource, Streamer, StreamStats, TierOptions, available_ram,
-                                    free_device_memory, open_reader)
+from ntransformer_jax.tiers import (LayerSource, MapGuard, Streamer, StreamStats, TierOptions,
+                                    available_ram, free_device_memory, open_reader)
 from ntransformer_jax.tokenizer import Tokenizer, decode_stream
 
 DEFAULT_CTX = 4096
@@ -206,8 +206,11 @@ class Engine:
                     sources[i] = LayerSource("ram", host_tree=jax.device_put(self._host_layer(i), pinned),
                                              n_bytes=layer_bytes[i])
                 elif opts.streaming == "mmap":
-                    sources[i] = LayerSource("mmap", build=functools.partial(self._host_layer, i),
-                                             n_bytes=layer_bytes[i])
+                    infos = [f.layer_tensor(i, s) for s in LAYER_TENSORS]
+                    start = min(t.offset for t in infos)
+                    end = max(t.offset + t.n_bytes for t in infos)   # exact: the guard checks it
+                    sources[i] = LayerSource("mmap", span=(start, end - start), n_bytes=layer_bytes[i],
+                                             build=functools.partial(self._host_layer, i))
                 else:
                     sources[i] = LayerSource("disk", span=spans[i], n_bytes=layer_bytes[i],
                                              build=functools.partial(_layer_from_staging, f, i, spans[i][0]))
@@ -215,7 +218,9 @@ class Engine:
                 if self._progress:
                     self._progress(done, total)
             needs_reader = any(s.tier == "disk" for s in sources.values())
-            reader = open_reader(f.path, opts) if needs_reader else None
+            mapped = any(s.tier == "mmap" for s in sources.values())
+            reader = (open_reader(f.path, opts) if needs_reader
+                      else MapGuard(f.path) if mapped else None)
             self.streamer = Streamer(sources, self.device, opts, reader, staging)
         embd = self._qtensor(f.tensor("token_embd.weight"))
         output = embd if cfg.tied_output else self._qtensor(f.tensor("output.weight"))
@@ -271,7 +276,8 @@ class Engine:
             if i in self.resident:
                 return self.resident[i]
             src = self.streamer.sources[i]
-            tree = src.host_tree if src.tier == "ram" else self._host_layer(i)
+            tree = (src.host_tree if src.tier == "ram" else
+                    self.streamer.read_mapped(i) if src.tier == "mmap" else self._host_layer(i))
             return jax.device_put(tree, self.device)
         for seg, n in zip(self.segments, self.segment_sizes):
             if i < n:

@@ -305,6 +305,32 @@ class KvikioReader:
         self.file.close()
 
 
+class MapGuard:
+    """Tier C in mmap mode: checks that the model file still holds a layer before its pages are read.
+
+    Touching mapped pages past the end of a file truncated under the map kills the process with
+    SIGBUS, which no handler turns into an error; one fstat per layer read raises a StreamingError
+    instead. The fd is opened beside the map, on the same inode: a file removed or renamed over
+    while the engine runs keeps its pages and reads on; a file truncated in place shows its new size.
+    """
+
+    name = "mmap"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def check(self, layer: int, end: int) -> None:
+        """Raise StreamingError unless the file holds bytes up to `end` (layer's last byte + 1)."""
+        size = os.fstat(self.fd).st_size
+        if size < end:
+            raise StreamingError(f"layer {layer}: model file {self.path} was truncated while streaming "
+                                 f"(it ends at byte {size}, the layer at byte {end})")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def open_reader(path: str, options: TierOptions):
     if options.reader in ("auto", "kvikio") and jax.default_backend() == "gpu":
         try:
@@ -342,7 +368,8 @@ class LayerSource:
     tier: str
     host_tree: object = None              # B: LayerWeights of pinned_host arrays
     span: tuple[int, int] = (0, 0)        # C: (file offset, length) covering the layer's tensors
-    build: Callable | None = None         # C: staging uint8 view -> LayerWeights of numpy views
+    build: Callable | None = None         # C: staging uint8 view -> LayerWeights of numpy views;
+                                          # mmap: () -> LayerWeights of views of the map
     n_bytes: int = 0
 
 
@@ -404,12 +431,18 @@ class Streamer:
                 self._free_staging.append(slot)
                 self._staging_lock.notify()
 
+    def read_mapped(self, layer: int):
+        """An mmap-tier layer as host arrays viewing the map, once the file is known to hold it."""
+        src = self.sources[layer]
+        self.reader.check(layer, src.span[0] + src.span[1])
+        return src.build()
+
     def _issue(self, layer: int) -> None:
         src = self.sources[layer]
         if src.tier == "mmap":
             # The baseline: read from the memory map and copy now, synchronously.
             t = time.perf_counter()
-            tree = jax.device_put(src.build(), self._sharding)
+            tree = jax.device_put(self.read_mapped(layer), self._sharding)
             jax.block_until_ready(tree)
             self.stats.wait_disk_s += time.perf_counter() - t
             self._inflight[layer] = tree

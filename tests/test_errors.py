@@ -259,3 +259,24 @@ def test_cli_file_truncated_while_streaming(valid, tmp_path):
     errors = [l for l in lines if l.startswith("error:")]
     assert len(errors) == 1 and "streamed.gguf" in errors[0] and "layer " in errors[0], err
     assert "Traceback" not in err
+
+
+def test_cli_file_truncated_under_mmap(valid, tmp_path):
+    """--streaming=mmap, all layers on disk; the file is cut while the chat waits for a message (no
+    layer read in flight): one error line naming the layer and the file, exit 1, no SIGBUS."""
+    import shutil
+    path = str(tmp_path / "mapped.gguf")
+    shutil.copy(valid, path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ntransformer_jax", "--model", path, "--chat", "--chat_template",
+         "{{ messages[-1].content }}", "--n_predict", "4", "--temperature", "0", "--max_vram_layers", "0",
+         "--streaming", "mmap"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.read(2) == "> "      # loaded; layers are read only once a message comes
+    os.truncate(path, 4096)
+    out, err = proc.communicate("hi\n", timeout=120)
+    assert proc.returncode == 1, (proc.returncode, err)
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "mapped.gguf" in errors[0] and "layer 0" in errors[0], err
+    assert "truncated" in errors[0], err
+    assert "Traceback" not in err

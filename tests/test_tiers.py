@@ -10,7 +10,7 @@ import pytest
 
 import ntransformer_jax as nt
 from ntransformer_jax import synth
-from ntransformer_jax.tiers import TierOptions, plan_placement, spread
+from ntransformer_jax.tiers import StreamingError, TierOptions, plan_placement, spread
 
 SHAPE = synth.SynthShape(n_layers=6, n_embd=256, n_ff=512, n_head=4, n_kv_head=2, n_vocab=512, ctx_len=256)
 
@@ -111,6 +111,33 @@ def test_file_truncated_while_streaming_names_layer_and_file(six_layer_path, tmp
     with pytest.raises(nt.NTransformerError, match=r"(layer \d+|ended at byte).*victim.gguf|victim.gguf.*(layer|ended)"):
         engine.logits([1, 2, 3, 4])
     engine.close()
+
+
+def test_file_truncated_under_mmap_names_layer_and_file(six_layer_path, tmp_path):
+    """The mmap baseline checks the file size before touching a layer's pages (a page past the
+    end of a truncated file is SIGBUS, which no exception handler catches)."""
+    path = str(tmp_path / "mapped.gguf")
+    shutil.copy(six_layer_path, path)
+    engine = nt.load(path, ctx_size=32, max_vram_layers=0, streaming="mmap")
+    assert engine.placement == ["disk"] * 6
+    engine.logits([1, 2, 3])
+    last = engine.model_file.layer_tensor(5, "attn_q")
+    os.truncate(path, last.offset + 10)     # layers before 5 still whole: the error names 5
+    with pytest.raises(StreamingError, match=r"layer 5\b.*mapped\.gguf.*truncated"):
+        engine.logits([1, 2, 3])
+    with pytest.raises(StreamingError, match=r"layer 5\b.*mapped\.gguf.*truncated"):
+        engine.logits_layerwise([1, 2, 3])
+    engine.close()
+
+
+def test_file_removed_under_mmap_reads_on(six_layer_path, tmp_path):
+    """A removed file's inode lives while mapped: mmap mode keeps reading it."""
+    path = str(tmp_path / "removed.gguf")
+    shutil.copy(six_layer_path, path)
+    with nt.load(path, ctx_size=32, max_vram_layers=0, streaming="mmap") as engine:
+        want = engine.logits([1, 2, 3])
+        os.remove(path)
+        np.testing.assert_array_equal(engine.logits([1, 2, 3]), want)
 
 
 def test_cli_tier_flags_and_benchmark(six_layer_path):
