@@ -1,0 +1,397 @@
+"""Fused dequantize + matvec kernels against the XLA path, on Llama-3-70B matrix shapes.
+
+    python benchmarks/kernels_bench.py [--quick] [--types Q4_0,Q8_0] [--budget_s 200] [--out F]
+    python benchmarks/kernels_bench.py --smoke        # CPU: Pallas interpret mode, tiny shapes
+
+For every type in `qmatvec.SUPPORTED_TYPES`, every shape N x K (q/o 8192x8192, k/v 1024x8192,
+gate/up 28672x8192, down 8192x28672) and M = 1, 8 rows of x: random valid weight blocks (random
+bytes with finite half scale fields, as tests/test_kernels.py's `random_weight` builds K-quants;
+the kernel reads bytes, so quantizing real floats would not change a timing), repacked once;
+`qmatvec_packed` timed for a bounded sweep of BlockSizes, and the XLA baseline
+(`qmatvec_reference`: dequantize, then an f32 einsum) beside it.
+
+Sweep, in this order, each step within a share of `--budget_s` (defaults always run):
+1. every (type, shape, M) at `BlockSizes.get_default`, plus the XLA baseline;
+2. gate/up, M = 1: coordinate descent from the default over block_n {16..128}, block_k
+   {256, 512, 1024}, split_k {1, 2, 4, 8}, num_warps {4, 8}, num_stages {2, 3, 4} (one axis at a
+   time, keeping the best); gate/up, M = 8: the three best M = 1 configs;
+3. the other shapes: the three best gate/up configs of the same M, and split_k variants of the
+   best. Configs that `qmatvec.plan` rejects are skipped; `--quick` runs step 1 only.
+
+Timing (`ceilings.pipelined_time`): one jitted program runs the kernel on `--unroll` different x
+(so nothing is shared between calls), dispatched back to back and blocked once per sample; the
+median over `--repeats` samples, divided by the calls per sample. The XLA baseline runs one call
+per program (its dequantization would otherwise be shared across the unrolled calls).
+Correctness: every timed config's output for x[0] is compared with the XLA reference on the same
+device: max |y - ref| / (|x| @ |W|^T) <= 1e-5, as tests/test_kernels.py's check_close. A failing
+config is never "best"; failures print a loud line at once and make the exit status 1.
+
+Output: one line per failed config or compile error while running, JSON to `--out` (default
+$OUT/kernels.json when $OUT is set), and a table last: best time, its BlockSizes, weight bytes
+(packed arrays), GB/s and % of the HBM read ceiling measured in the same run, default and XLA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ceilings import hbm_read_gbps, pipelined_time
+from ntransformer_jax import quants
+from ntransformer_jax.errors import InputError
+from ntransformer_jax.kernels import qmatvec as qm
+
+T = gguf.GGMLQuantizationType
+HIGHEST = jax.lax.Precision.HIGHEST
+RTOL = 1e-5
+
+# Llama-3-70B matrices, N x K (rows x columns of W): D = 8192, F = 28672, 8 KV heads x 128.
+SHAPES_70B = {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192),
+              "down": (8192, 28672)}
+SWEEP_SHAPE = "gate/up"
+M_ROWS = (1, 8)
+AXES = {"block_n": (16, 32, 64, 128), "block_k": (256, 512, 1024), "split_k": (1, 2, 4, 8),
+        "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+TOP = 3  # best gate/up configs carried to the other shapes and to M = 8
+
+# --smoke: CPU interpreter, tiny shapes, a two-axis sweep.
+SMOKE_SHAPES = {"big": (64, 512), "small": (32, 256)}
+SMOKE_AXES = {"block_n": (8, 16), "split_k": (1, 2)}
+
+# Byte offsets of the little-endian half fields (scales, mins) inside one block, per type
+# (ggml-common.h). Every other byte of a block may hold any value.
+HALF_FIELDS = {
+    T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q8_1: (0, 2),
+    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+    T.IQ4_NL: (0,), T.IQ4_XS: (0,),
+}
+FLOAT_DTYPES = {T.F32: np.float32, T.F16: np.float16}
+
+
+def random_weight(rng: np.random.Generator, qtype: T, n_rows: int, n_cols: int,
+                  scale: float = 0.01) -> np.ndarray:
+    """uint8 [n_rows, row_bytes] of valid GGUF rows: random bytes, half fields N(0, scale).
+
+    Float types get their values' bytes (N(0, scale) as float32 or float16).
+
+    Raises:
+        InputError: a type without a recipe (no entry in HALF_FIELDS) or a ragged row.
+    """
+    qtype = T(qtype)
+    if qtype in FLOAT_DTYPES:
+        w = rng.standard_normal((n_rows, n_cols), np.float32) * np.float32(scale)
+        return w.astype(FLOAT_DTYPES[qtype]).view(np.uint8)
+    if qtype not in HALF_FIELDS:
+        raise InputError(f"no random-block recipe for {qtype.name} (add its half fields to "
+                         "HALF_FIELDS)")
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if n_cols % block_size:
+        raise InputError(f"{n_cols=} must be a multiple of {block_size} for {qtype.name}")
+    n_blocks = n_rows * (n_cols // block_size)
+    blocks = np.frombuffer(bytearray(rng.bytes(n_blocks * type_size)), np.uint8)
+    blocks = blocks.reshape(n_blocks, type_size)
+    for offset in HALF_FIELDS[qtype]:
+        half = (rng.standard_normal(n_blocks, np.float32) * np.float32(scale)).astype(np.float16)
+        blocks[:, offset:offset + 2] = half.view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(n_rows, -1)
+
+
+def _bs_dict(bs: qm.BlockSizes) -> dict:
+    return dataclasses.asdict(bs)
+
+
+def _bs_short(bs: qm.BlockSizes | dict) -> str:
+    """`32/256/1/4/2`: the field values in declaration order."""
+    values = bs.values() if isinstance(bs, dict) else dataclasses.asdict(bs).values()
+    return "/".join(str(v) for v in values)
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+
+
+class Case:
+    """One (type, shape, M): its weight, x rows, reference outputs and every timed config."""
+
+    def __init__(self, qtype: T, shape_name: str, n_rows: int, n_cols: int, m_rows: int,
+                 w_data: jax.Array, packed: tuple[jax.Array, ...], rng: np.random.Generator,
+                 unroll: int):
+        self.qtype, self.shape_name, self.m_rows = qtype, shape_name, m_rows
+        self.n_rows, self.n_cols = n_rows, n_cols
+        self.w_data, self.packed = w_data, packed
+        self.xs = [jnp.asarray(rng.standard_normal((m_rows, n_cols), np.float32))
+                   for _ in range(unroll)]
+        self.weight_bytes = sum(int(a.size) * a.dtype.itemsize for a in packed)
+        self.configs: list[dict] = []   # every config tried, in order
+        self.xla: dict = {}
+        self.ref = self.scale = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.qtype.name} {self.n_rows}x{self.n_cols} M={self.m_rows}"
+
+    def tried(self, bs: qm.BlockSizes) -> bool:
+        return any(c["block_sizes"] == _bs_dict(bs) for c in self.configs)
+
+    def ok_configs(self) -> list[dict]:
+        return sorted((c for c in self.configs if c.get("ok")), key=lambda c: c["time_s"])
+
+    def best(self) -> dict | None:
+        ok = self.ok_configs()
+        return ok[0] if ok else None
+
+
+class Bench:
+    """Runs and records the configs; owns the options that every timing shares."""
+
+    def __init__(self, args: argparse.Namespace, ceiling_gbps: float):
+        self.args, self.ceiling = args, ceiling_gbps
+        self.interpret = args.smoke
+        self.failures: list[str] = []
+        self.n_timed = 0
+
+    def gbps(self, n_bytes: int, seconds: float) -> tuple[float, float]:
+        g = n_bytes / seconds / 1e9
+        return g, 100.0 * g / self.ceiling
+
+    def reference(self, case: Case) -> None:
+        """Time the XLA baseline and keep its output for x[0] and the error scale |x| @ |W|^T."""
+        qtype, k = case.qtype, case.n_cols
+        ref_fn = jax.jit(lambda x, w: qm.qmatvec_reference(x, w, qtype, k))
+        scale_fn = jax.jit(lambda x, w: jnp.einsum(
+            "mk,nk->mn", jnp.abs(x), jnp.abs(quants.dequantize(w, qtype, k)), precision=HIGHEST))
+        try:
+            case.ref = jax.block_until_ready(ref_fn(case.xs[0], case.w_data))
+            case.scale = jax.block_until_ready(scale_fn(case.xs[0], case.w_data))
+            t = pipelined_time(lambda: ref_fn(case.xs[0], case.w_data), self.args.repeats)
+        except Exception as err:  # noqa: BLE001 - report and go on with the other cases
+            case.xla = dict(error=_one_line(err))
+            print(f"  {case.label} XLA reference: {case.xla['error']}", flush=True)
+            return
+        g, pct = self.gbps(int(case.w_data.nbytes), t)
+        case.xla = dict(time_s=t, bytes=int(case.w_data.nbytes), gbps=g, pct_hbm=pct)
+
+    def run(self, case: Case, bs: qm.BlockSizes) -> dict | None:
+        """Time `bs` on `case` and check its output; None if plan() rejects it or already tried."""
+        if case.tried(bs):
+            return None
+        try:
+            qm.plan(case.qtype, case.m_rows, case.n_rows, case.n_cols, bs)
+        except InputError:
+            return None
+        rec: dict[str, Any] = dict(block_sizes=_bs_dict(bs))
+        case.configs.append(rec)
+        qtype, k, interpret = case.qtype, case.n_cols, self.interpret
+
+        @jax.jit
+        def calls(xs, packed):
+            return [qm.qmatvec_packed(x, packed, qtype, k, block_sizes=bs, interpret=interpret)
+                    for x in xs]
+
+        try:
+            t0 = time.perf_counter()
+            y0 = jax.block_until_ready(calls(case.xs, case.packed))[0]
+            rec["compile_s"] = time.perf_counter() - t0   # compile and first run
+            t = pipelined_time(lambda: calls(case.xs, case.packed), self.args.repeats)
+        except Exception as err:  # noqa: BLE001 - a config that does not compile or run
+            rec["error"] = _one_line(err)
+            print(f"  {case.label} {_bs_short(bs)}: {rec['error']}", flush=True)
+            return rec
+        self.n_timed += 1
+        rec["time_s"] = t / len(case.xs)
+        rec["gbps"], rec["pct_hbm"] = self.gbps(case.weight_bytes, rec["time_s"])
+        if case.ref is None:
+            rec["ok"], rec["max_rel_err"] = False, None
+            msg = f"!!! UNCHECKED {case.label} {_bs_short(bs)}: the XLA reference failed"
+        else:
+            err = jnp.max(jnp.abs(y0 - case.ref) / jnp.maximum(case.scale, np.finfo(np.float32).tiny))
+            rec["max_rel_err"] = float(err)
+            rec["ok"] = bool(rec["max_rel_err"] <= RTOL)   # NaN fails too
+            msg = (f"!!! WRONG RESULT {case.label} {_bs_short(bs)}: max relative error "
+                   f"{rec['max_rel_err']:.3g} > {RTOL}")
+        if not rec["ok"]:
+            self.failures.append(msg)
+            print(msg, flush=True)
+        return rec
+
+
+def _descend(bench: Bench, case: Case, axes: dict, deadline: float) -> None:
+    """Coordinate descent from the best config so far, one axis at a time."""
+    for name, values in axes.items():
+        for value in values:
+            if time.perf_counter() > deadline:
+                return
+            best = case.best()
+            if best is None:
+                return
+            start = qm.BlockSizes(**best["block_sizes"])
+            if not hasattr(start, name):
+                continue
+            bench.run(case, dataclasses.replace(start, **{name: value}))
+
+
+def _carry_over(bench: Bench, case: Case, source: Case | None, deadline: float,
+                split_variants: bool) -> None:
+    """Run the best configs of `source` on `case` (and split_k variants of the best)."""
+    if source is None:
+        return
+    tops = [qm.BlockSizes(**c["block_sizes"]) for c in source.ok_configs()[:TOP]]
+    if split_variants and tops:
+        tops += [dataclasses.replace(tops[0], split_k=s) for s in AXES["split_k"]]
+    for bs in tops:
+        if time.perf_counter() > deadline:
+            return
+        bench.run(case, bs)
+
+
+def _case_record(case: Case) -> dict:
+    best = case.best()
+    default = next((c for c in case.configs
+                    if c["block_sizes"] == _bs_dict(qm.BlockSizes.get_default(
+                        case.qtype, case.n_rows, case.n_cols))), None)
+    return dict(type=case.qtype.name, shape=case.shape_name, n=case.n_rows, k=case.n_cols,
+                m=case.m_rows, weight_bytes=case.weight_bytes, gguf_bytes=int(case.w_data.nbytes),
+                best=best, default=default, xla=case.xla, configs=case.configs)
+
+
+def _table(res: dict) -> str:
+    legend = "/".join(f.name for f in dataclasses.fields(qm.BlockSizes))
+    head = (f"{'type':<5} {'shape':<7} {'N x K':<12} {'M':>1} {'best us':>8} {'GB/s':>6} {'%HBM':>5} "
+            f"{'default us':>10} {'XLA us':>8} {'x XLA':>6}  {'best BlockSizes':<22} check")
+    lines = [f"BlockSizes: {legend}; x XLA: XLA time / best time; check: best config correct,"
+             " and how many others were wrong or failed to run", head]
+    for r in res["results"]:
+        best, default, xla = r["best"], r["default"], r["xla"]
+        us = lambda c: f"{c['time_s'] * 1e6:.1f}" if c and "time_s" in c else "-"
+        speed = (f"{xla['time_s'] / best['time_s']:.2f}" if best and "time_s" in xla else "-")
+        wrong = sum(1 for c in r["configs"] if c.get("ok") is False)
+        broken = sum(1 for c in r["configs"] if "error" in c)
+        check = ("ok" if best else "FAIL") + (f", {wrong} wrong" if wrong else "") + (
+            f", {broken} errors" if broken else "")
+        lines.append(
+            f"{r['type']:<5} {r['shape']:<7} {r['n']}x{r['k']:<7} {r['m']:>1} {us(best):>8} "
+            f"{best['gbps'] if best else 0:>6.0f} {best['pct_hbm'] if best else 0:>5.1f} "
+            f"{us(default):>10} {us(xla):>8} {speed:>6}  "
+            f"{_bs_short(best['block_sizes']) if best else '-':<22} {check}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--types", help="comma-separated GGML type names (default: SUPPORTED_TYPES)")
+    p.add_argument("--quick", action="store_true", help="default BlockSizes only, no sweep")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check of this script: interpret mode, tiny shapes, tiny sweep")
+    p.add_argument("--repeats", type=int, default=None, help="timed samples (default 7; smoke 2)")
+    p.add_argument("--unroll", type=int, default=None,
+                   help="kernel calls per jitted program, each on its own x (default 8; smoke 2)")
+    p.add_argument("--budget_s", type=float, default=200.0,
+                   help="wall-time budget; once spent, only defaults run (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
+    p.add_argument("--out", default=default_out, help="JSON file (default $OUT/kernels.json)")
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.smoke else 7)
+    args.unroll = args.unroll or (2 if args.smoke else 8)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    types = sorted(qm.SUPPORTED_TYPES, key=lambda t: t.name)
+    if args.types:
+        try:
+            types = [T[name.strip()] for name in args.types.split(",")]
+        except KeyError as err:
+            raise SystemExit(f"--types: {err} is not a GGML type name") from None
+    shapes, axes = (SMOKE_SHAPES, SMOKE_AXES) if args.smoke else (SHAPES_70B, AXES)
+    sweep_shape = next(iter(shapes)) if args.smoke else SWEEP_SHAPE
+    dev = jax.devices()[0]
+    ceiling = hbm_read_gbps(64 << 20 if args.smoke else 4 << 30)
+    res: dict[str, Any] = dict(date=time.strftime("%Y-%m-%d %H:%M"), jax=jax.__version__,
+                               card=dev.device_kind, backend=jax.default_backend(),
+                               interpret=args.smoke, hbm_read_gbps=ceiling, rtol=RTOL,
+                               budget_s=args.budget_s, unroll=args.unroll, repeats=args.repeats,
+                               types=[t.name for t in types])
+    print(f"{dev.device_kind} jax {jax.__version__}: HBM read ceiling {ceiling:.0f} GB/s", flush=True)
+    bench = Bench(args, ceiling)
+    rng = np.random.default_rng(args.seed)
+
+    # 1. Weights, XLA baseline and the default tiling of every case.
+    cases: dict[tuple[T, str, int], Case] = {}
+    for qtype in types:
+        for shape_name, (n, k) in shapes.items():
+            try:
+                w_host = random_weight(rng, qtype, n, k)
+                w_data = jax.device_put(w_host)
+                packed = jax.block_until_ready(qm.repack(w_data, qtype, k))
+                default = qm.BlockSizes.get_default(qtype, n, k)
+            except Exception as err:  # noqa: BLE001 - one type must not end the run
+                msg = f"!!! {qtype.name} {n}x{k}: cannot build the weight: {_one_line(err)}"
+                bench.failures.append(msg)
+                print(msg, flush=True)
+                continue
+            del w_host
+            for m in M_ROWS:
+                case = Case(qtype, shape_name, n, k, m, w_data, packed, rng, args.unroll)
+                bench.reference(case)
+                bench.run(case, default)
+                cases[qtype, shape_name, m] = case
+            print(f"{qtype.name} {n}x{k}: defaults done ({time.perf_counter() - t_start:.0f} s)",
+                  flush=True)
+
+    # 2-3. The sweep, each type getting an equal share of what is left of the budget.
+    if not args.quick:
+        for i, qtype in enumerate(types):
+            left = args.budget_s - (time.perf_counter() - t_start)
+            deadline = time.perf_counter() + max(0.0, left) / (len(types) - i)
+            big = {m: cases.get((qtype, sweep_shape, m)) for m in M_ROWS}
+            if big[M_ROWS[0]] is not None:
+                _descend(bench, big[M_ROWS[0]], axes, deadline)
+            for m in M_ROWS[1:]:
+                if big[m] is not None:
+                    _carry_over(bench, big[m], big[M_ROWS[0]], deadline, split_variants=False)
+            for shape_name in shapes:
+                for m in M_ROWS:
+                    case = cases.get((qtype, shape_name, m))
+                    if shape_name != sweep_shape and case is not None:
+                        _carry_over(bench, case, big[m], deadline, split_variants=True)
+            print(f"{qtype.name}: sweep done ({time.perf_counter() - t_start:.0f} s, "
+                  f"{bench.n_timed} configs timed)", flush=True)
+
+    res["results"] = [_case_record(c) for c in cases.values()]
+    for r in res["results"]:
+        where = f"{r['type']} {r['n']}x{r['k']} M={r['m']}"
+        if r["default"] is None or "error" in r["default"]:
+            bench.failures.append(f"!!! {where}: the default BlockSizes did not run")
+        if r["best"] is None:
+            bench.failures.append(f"!!! {where}: no config ran correctly")
+    res["failures"] = bench.failures
+    res["configs_timed"] = bench.n_timed
+    res["elapsed_s"] = time.perf_counter() - t_start
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    if bench.failures:
+        print(f"\n!!! {len(bench.failures)} FAILURES:\n" + "\n".join(bench.failures))
+    print(f"\n{res['card']} jax {res['jax']}, HBM read ceiling {ceiling:.0f} GB/s, "
+          f"{bench.n_timed} configs timed in {res['elapsed_s']:.0f} s"
+          + (" (interpret mode: timings mean nothing)" if args.smoke else ""))
+    print(_table(res))
+    return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

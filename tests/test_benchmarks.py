@@ -1,0 +1,98 @@
+"""CPU smoke runs of the GPU benchmark scripts (benchmarks/kernels_bench.py, layer_jit.py).
+
+`--smoke` runs each script's whole path on tiny shapes (the kernels in Pallas interpret mode), so
+a script handed to the GPU machine does not die on its first line there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import kernels_bench  # noqa: E402
+import layer_jit  # noqa: E402
+from ntransformer_jax.kernels import qmatvec as qm  # noqa: E402
+
+
+def test_kernels_bench_smoke(tmp_path):
+    out = tmp_path / "kernels.json"
+    assert kernels_bench.main(["--smoke", "--types", "Q4_0,Q6_K", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["failures"] == [] and res["hbm_read_gbps"] > 0
+    got = {(r["type"], r["shape"], r["m"]) for r in res["results"]}
+    assert got == {(t, s, m) for t in ("Q4_0", "Q6_K") for s in kernels_bench.SMOKE_SHAPES
+                   for m in kernels_bench.M_ROWS}
+    for r in res["results"]:
+        best = r["best"]
+        assert best["ok"] and best["max_rel_err"] <= kernels_bench.RTOL and best["time_s"] > 0
+        assert r["default"]["ok"] and r["xla"]["time_s"] > 0
+        assert best["time_s"] == min(c["time_s"] for c in r["configs"] if c.get("ok"))
+        assert r["weight_bytes"] >= r["gguf_bytes"] > 0
+    swept = [r for r in res["results"] if r["shape"] == "big" and r["m"] == 1]
+    assert all(len(r["configs"]) > 1 for r in swept), "the sweep tried no other config"
+
+
+def test_kernels_bench_flags_wrong_results(tmp_path, monkeypatch, capsys):
+    real = qm.qmatvec_packed
+
+    def off_by_one(x, packed, qtype, n_cols, **kwargs):
+        return real(x, packed, qtype, n_cols, **kwargs) + 1.0
+
+    monkeypatch.setattr(qm, "qmatvec_packed", off_by_one)
+    out = tmp_path / "kernels.json"
+    assert kernels_bench.main(["--smoke", "--quick", "--types", "Q8_0", "--out", str(out)]) == 1
+    res = json.loads(out.read_text())
+    assert all(r["best"] is None and r["default"]["ok"] is False for r in res["results"])
+    assert "WRONG RESULT" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("qtype", sorted(kernels_bench.HALF_FIELDS, key=lambda t: t.name),
+                         ids=lambda t: t.name)
+
+
+def test_random_weight_is_finite(qtype):
+    """Random bytes with the half fields set: a wrong offset would leave NaN/inf scales."""
+    w = kernels_bench.random_weight(np.random.default_rng(0), qtype, 64, 512)
+    assert w.dtype == np.uint8 and w.shape == (64, 512 // gguf.GGML_QUANT_SIZES[qtype][0]
+                                               * gguf.GGML_QUANT_SIZES[qtype][1])
+    try:
+        values = gguf.quants.dequantize(w, qtype)
+    except NotImplementedError:
+        pytest.skip(f"gguf-py cannot dequantize {qtype.name}")
+    assert np.isfinite(values).all()
+
+
+def test_every_kernel_type_has_a_recipe():
+    assert set(qm.SUPPORTED_TYPES) <= set(kernels_bench.HALF_FIELDS)
+
+
+def test_layer_jit_smoke(tmp_path):
+    out = tmp_path / "layer.json"
+    assert layer_jit.main(["--smoke", "--quant", "Q4_0,Q4_K_M,F16", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["quant"] for r in res["results"]] == ["Q4_0", "Q4_K_M", "F16"]
+    for r in res["results"]:
+        for phase in ("decode", "prefill"):
+            assert r[phase]["time_s"] > 0 and r[phase]["gbps"] > 0
+        assert r["weight_bytes"] > 0
+    # tiny has 2 layers; llama.cpp's Q4_K_M gives layer 1's attn_v and ffn_down more bits.
+    assert res["results"][1]["types"]["attn_v"] == "Q6_K"
+    assert res["results"][1]["types"]["attn_q"] == "Q4_K"
+    assert set(res["results"][2]["types"].values()) == {"F16"}
+
+
+def test_layer_jit_builds_what_block_expects():
+    shape = layer_jit.synth.SHAPES["tiny"]
+    w, types = layer_jit.layer_weights(shape, "Q8_0", 0, False, np.random.default_rng(0))
+    assert w.attn_k.shape == (shape.n_embd_kv, shape.n_embd)
+    assert w.ffn_down.shape == (shape.n_embd, shape.n_ff)
+    assert w.attn_norm.shape == (shape.n_embd,) and w.attn_norm.dtype == jnp.float32
+    assert np.isfinite(np.asarray(w.ffn_up.dequantize())).all()
