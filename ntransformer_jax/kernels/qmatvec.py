@@ -82,29 +82,32 @@ class BlockSizes:
     block_k: int = 256
     split_k: int = 1
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     @classmethod
     def get_default(cls, qtype: gguf.GGMLQuantizationType, n_rows: int,
                     n_cols: int) -> BlockSizes:
         """The default tiling for an [n_rows, n_cols] matrix of `qtype`.
 
-        Takes the largest power of two up to `block_n` rows and `block_k` columns that divides
-        the shape (`qmatvec` rejects shapes where that falls below the minimum), then splits K
-        until there are about `TARGET_PROGRAMS` programs.
+        Starts from the type's tuned tile (`TUNED`, the fastest of a sweep on the 70B
+        28672 x 8192 matrix), shrinks it to the largest powers of two that divide the shape
+        (`qmatvec` rejects shapes where that falls below the minimum), then splits K while the
+        launch has at most half of `TARGET_PROGRAMS` programs: short matrices need the split to
+        keep enough loads in flight.
         """
         fmt = _format(qtype)
-        block_n = max(_pow2_divisor(n_rows, cls.block_n), MIN_BLOCK_N)
-        block_k = max(_pow2_divisor(n_cols, max(cls.block_k, fmt.block)), fmt.block)
+        tuned = TUNED.get(T(qtype), cls())
+        block_n = max(_pow2_divisor(n_rows, tuned.block_n), MIN_BLOCK_N)
+        block_k = max(_pow2_divisor(n_cols, max(tuned.block_k, fmt.block)), fmt.block)
         split_k = 1
-        while (n_rows // block_n * split_k < TARGET_PROGRAMS
+        while (n_rows // block_n * split_k * 2 <= TARGET_PROGRAMS
                and n_cols % (2 * split_k * block_k) == 0):
             split_k *= 2
-        return cls(block_n=block_n, block_k=block_k, split_k=split_k)
+        return dataclasses.replace(tuned, block_n=block_n, block_k=block_k, split_k=split_k)
 
 
 MIN_BLOCK_N = 8        # smaller row tiles waste most of each load; such N is rejected instead
-TARGET_PROGRAMS = 256  # programs per launch that `get_default` aims for with split_k
+TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims for with split_k
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -394,6 +397,27 @@ _FORMATS: dict[gguf.GGMLQuantizationType, _Format] = {
 }
 
 SUPPORTED_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(_FORMATS)
+
+# Per-type tiles: the fastest of a sweep (block_n 16/32/64 x block_k 256/512/1024 x 4/8 warps,
+# 3 stages) on the 28672 x 8192 matrix, M = 1, H200, 2026-11-27 (benchmarks/RESULTS.md).
+TUNED: dict[gguf.GGMLQuantizationType, BlockSizes] = {
+    T.Q8_0: BlockSizes(block_n=16, block_k=512, num_warps=4),
+    T.Q4_0: BlockSizes(block_n=32, block_k=512, num_warps=8),
+    T.Q4_1: BlockSizes(block_n=16, block_k=1024, num_warps=4),
+    T.Q5_0: BlockSizes(block_n=16, block_k=1024, num_warps=4),
+    T.Q4_K: BlockSizes(block_n=32, block_k=1024, num_warps=8),
+    T.Q5_K: BlockSizes(block_n=16, block_k=512, num_warps=8),
+    T.Q6_K: BlockSizes(block_n=16, block_k=256, num_warps=4),
+}
+
+
+def supports(qtype: object, n_rows: int, n_cols: int) -> bool:
+    """Whether `qmatvec` can take an [n_rows, n_cols] matrix of `qtype` (with default tiling)."""
+    try:
+        fmt = _format(qtype)
+    except InputError:
+        return False
+    return n_rows > 0 and n_rows % MIN_BLOCK_N == 0 and n_cols > 0 and n_cols % fmt.block == 0
 
 
 def _type_name(qtype: object) -> str:
