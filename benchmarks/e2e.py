@@ -33,6 +33,7 @@ flags.DEFINE_integer("tg", 128, "Tokens to generate for the decode figure.")
 flags.DEFINE_integer("repeats", 5, "Timed repeats.")
 flags.DEFINE_float("vram_budget_gb", None, "Tier option, as in the CLI.")
 flags.DEFINE_float("ram_budget_gb", None, "Tier option, as in the CLI.")
+flags.DEFINE_list("kernels", ["auto"], "Kernel modes to run one after the other (auto, off, on).")
 flags.DEFINE_string("out", None, "Folder for e2e.json.")
 FLAGS = flags.FLAGS
 
@@ -40,12 +41,30 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     path = FLAGS.model or synthetic_file(FLAGS.workdir, FLAGS.shape, FLAGS.quant)[0]
+    hbm = hbm_read_gbps() if jax.default_backend() == "gpu" else None
+    runs = [run(path, mode, hbm) for mode in FLAGS.kernels]
+    if FLAGS.out:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        name = os.path.splitext(os.path.basename(path))[0]
+        with open(os.path.join(FLAGS.out, f"e2e-{name}.json"), "w") as f:
+            json.dump(runs, f, indent=1)
+    print(json.dumps(runs, indent=1))
+    for res in runs:
+        print(f"\n{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']}: "
+              f"pp{FLAGS.pp} {res['pp_tok_per_s']['median']:.1f} tok/s, tg{FLAGS.tg} "
+              f"{res['tg_tok_per_s']['median']:.1f} tok/s (roofline {res.get('tg_roofline')}, "
+              f"HBM {hbm} GB/s)")
+
+
+def run(path: str, kernels: str, hbm: float | None) -> dict:
     dev = jax.devices()[0]
     res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=dev.device_kind,
-               model=os.path.basename(path))
-    res["hbm_read_gbps"] = hbm_read_gbps() if jax.default_backend() == "gpu" else None
+               model=os.path.basename(path), hbm_read_gbps=hbm)
+    t = time.perf_counter()
     eng = nt.load(path, ctx_size=FLAGS.pp + FLAGS.tg + 16, vram_budget_gb=FLAGS.vram_budget_gb,
-                  ram_budget_gb=FLAGS.ram_budget_gb)
+                  ram_budget_gb=FLAGS.ram_budget_gb, kernels=kernels)
+    res["load_s"] = time.perf_counter() - t
+    res["kernels"] = eng.kernels
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, min(eng.config.n_vocab, 30000), FLAGS.pp).tolist()
     greedy = nt.SamplingParams(temperature=0)
@@ -68,14 +87,9 @@ def main(argv):
     if res["hbm_read_gbps"] and res["weight_bytes"]:
         res["tg_roofline"] = res["hbm_read_gbps"] * 1e9 / res["weight_bytes"]
         res["tg_ratio"] = res["tg_tok_per_s"]["median"] / res["tg_roofline"]
-    if FLAGS.out:
-        os.makedirs(FLAGS.out, exist_ok=True)
-        with open(os.path.join(FLAGS.out, "e2e.json"), "w") as f:
-            json.dump(res, f, indent=1)
-    print(json.dumps(res, indent=1))
-    print(f"\n{res['card']} jax {res['jax']} {res['model']}: pp{FLAGS.pp} {res['pp_tok_per_s']['median']:.1f} "
-          f"tok/s, tg{FLAGS.tg} {res['tg_tok_per_s']['median']:.1f} tok/s (roofline {res.get('tg_roofline')})",
-          file=sys.stdout)
+    eng.close()
+    del eng
+    return res
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ flags.DEFINE_integer("max_ram_layers", None, "At most this many layers in pinned
 flags.DEFINE_enum("streaming", "pipeline", ["pipeline", "mmap"],
                   "How non-resident layers move: prefetching pipeline, or the naive synchronous mmap baseline.")
 flags.DEFINE_integer("prefetch_depth", 2, "Streamed layers in flight ahead of the one computing.")
+flags.DEFINE_enum("kernels", "auto", ["auto", "on", "off"],
+                  "Fused Pallas dequantize+matvec kernels for decode: auto = on a GPU only.")
 flags.DEFINE_boolean("benchmark", False, "Print per-token timing: compute, waits on copies and disk, bytes per tier.")
 flags.DEFINE_string("draft_model", None, "Smaller GGUF with the same vocabulary for speculative decoding, or "
                     "'self': the model's own VRAM-resident layers draft (tiered models).")
@@ -291,7 +293,7 @@ def main(argv: list[str]) -> None:
                           ram_budget_gb=FLAGS.ram_budget_gb, max_vram_layers=FLAGS.max_vram_layers,
                           max_ram_layers=FLAGS.max_ram_layers, streaming=FLAGS.streaming,
                           prefetch_depth=FLAGS.prefetch_depth, progress=progress,
-                          draft_model=FLAGS.draft_model, draft_k=FLAGS.draft_k)
+                          draft_model=FLAGS.draft_model, draft_k=FLAGS.draft_k, kernels=FLAGS.kernels)
         if engine.layered:
             print(f"placement: {engine.plan.summary()}", file=sys.stderr)
         if FLAGS.chat:

@@ -132,7 +132,7 @@ class Engine:
 
     def __init__(self, model_file: ModelFile, *, ctx_size: int | None = None,
                  device: jax.Device | None = None, tier_options: TierOptions | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, kernels: str = "auto"):
         self.model_file = model_file
         self.config: LlamaConfig = model_file.config
         try:
@@ -149,6 +149,7 @@ class Engine:
         self.ctx_size = int(ctx_size)
         self.device = device or jax.devices()[0]
         self.tier_options = tier_options or TierOptions()
+        self.kernels = _kernel_mode(kernels, self.device)
         self._progress = progress
         self.streamer: Streamer | None = None
         self.draft: "Engine | None" = None       # speculative decoding, see `load(draft_model=...)`
@@ -170,17 +171,20 @@ class Engine:
     def _put(self, info: TensorInfo) -> jax.Array:
         return jax.device_put(_to_host_array(info), self.device)
 
-    def _qtensor(self, info: TensorInfo) -> M.QTensor:
-        return M.QTensor(self._put(info), info.qtype, info.shape[-1])
+    def _qtensor(self, info: TensorInfo, pack: bool = True) -> M.QTensor:
+        w = M.QTensor(self._put(info), info.qtype, info.shape[-1])
+        return M.pack(w, self.kernels) if pack else w
 
     def _vector(self, info: TensorInfo) -> jax.Array:
-        return self._qtensor(info).dequantize().reshape(-1)
+        return self._qtensor(info, pack=False).dequantize().reshape(-1)
 
-    def _host_layer(self, i: int) -> M.LayerWeights:
-        """Layer i as numpy arrays (views of the memory map for matrices)."""
-        return _layer_from_arrays({short: (self.model_file.layer_tensor(i, short),
-                                           _to_host_array(self.model_file.layer_tensor(i, short)))
-                                   for short in LAYER_TENSORS})
+    def _host_layer(self, i: int, pack: bool = False) -> M.LayerWeights:
+        """Layer i as numpy arrays (views of the memory map for matrices; with `pack`, matrices
+        the decode kernel takes are repacked into new arrays, see `model.pack`)."""
+        w = _layer_from_arrays({short: (self.model_file.layer_tensor(i, short),
+                                        _to_host_array(self.model_file.layer_tensor(i, short)))
+                                for short in LAYER_TENSORS})
+        return M.pack_layer(w, self.kernels) if pack else w
 
     def _load_weights(self) -> None:
         f, cfg, opts = self.model_file, self.config, self.tier_options
@@ -201,9 +205,10 @@ class Engine:
             pinned = SingleDeviceSharding(self.device, memory_kind="pinned_host")
             for i, tier in enumerate(self.placement):
                 if tier == "vram":
-                    self.resident[i] = jax.device_put(self._host_layer(i), self.device)
+                    self.resident[i] = jax.device_put(self._host_layer(i, pack=True), self.device)
                 elif tier == "ram":
-                    sources[i] = LayerSource("ram", host_tree=jax.device_put(self._host_layer(i), pinned),
+                    sources[i] = LayerSource("ram", host_tree=jax.device_put(self._host_layer(i, pack=True),
+                                                                             pinned),
                                              n_bytes=layer_bytes[i])
                 elif opts.streaming == "mmap":
                     infos = [f.layer_tensor(i, s) for s in LAYER_TENSORS]
@@ -248,7 +253,7 @@ class Engine:
         run: list[M.LayerWeights] = []
         total, done = sum(layer_bytes), 0
         for i in range(self.config.n_layers):
-            w = self._host_layer(i)
+            w = self._host_layer(i, pack=True)
             if run and signature(w) != signature(run[0]):
                 segments.append(run)
                 run = []
@@ -627,9 +632,21 @@ class Engine:
 _TIER_OPTIONS = {f.name for f in dataclasses.fields(TierOptions)}
 
 
+def _kernel_mode(kernels: str, device: jax.Device) -> str:
+    """"auto" -> "pallas" on a GPU, "off" elsewhere (on CPU Pallas only interprets: slow)."""
+    if kernels == "auto":
+        return "pallas" if device.platform == "gpu" else "off"
+    if kernels == "on":
+        return "pallas" if device.platform == "gpu" else "interpret"
+    if kernels not in M.KERNEL_MODES:
+        raise InputError(f"kernels={kernels!r} must be one of auto, on, "
+                         + ", ".join(M.KERNEL_MODES))
+    return kernels
+
+
 def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
          progress: Callable[[int, int], None] | None = None, draft_model: str | None = None,
-         draft_k: int = 4, **tier_options) -> Engine:
+         draft_k: int = 4, kernels: str = "auto", **tier_options) -> Engine:
     """Open a GGUF Llama model and place its weights.
 
     Args:
@@ -640,6 +657,10 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
         same model), kept resident, for speculative decoding; or "self": the model's own
         VRAM-resident layers (a tiered model drafts without streaming).
       draft_k: tokens drafted per speculative round.
+      kernels: "auto" (fused Pallas decode kernels on a GPU, XLA elsewhere), "on", "off",
+        "pallas" or "interpret" (the Pallas interpreter: CPU tests). With kernels, matrices of
+        the supported types are repacked at load (see `qmatvec`) in tiers A and B; tier C and
+        the mmap baseline keep the file's layout.
       **tier_options: `TierOptions` fields: vram_budget_gb, ram_budget_gb, max_vram_layers,
         max_ram_layers, streaming ("pipeline" | "mmap"), prefetch_depth, reader, o_direct,
         read_threads. With none given, layers stay in device memory when they fit.
@@ -657,7 +678,8 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
     draft = load(draft_model, ctx_size=ctx_size) if draft_model and draft_model != "self" else None
     model_file = ModelFile(path)
     try:
-        engine = Engine(model_file, ctx_size=ctx_size, tier_options=options, progress=progress)
+        engine = Engine(model_file, ctx_size=ctx_size, tier_options=options, progress=progress,
+                        kernels=kernels)
     except NTransformerError:
         model_file.close()
         raise

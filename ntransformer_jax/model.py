@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntransformer_jax import quants
+from ntransformer_jax.kernels import qmatvec
 from ntransformer_jax.model_file import LlamaConfig
 from ntransformer_jax.sampling import SamplingParams, sample
 
@@ -29,35 +30,84 @@ class QTensor:
     """A weight matrix [rows, cols] kept in its GGUF encoding.
 
     `data` is uint8 [rows, row_bytes] for block-quantized types, or a float array [rows, cols]
-    for F32/F16/BF16. `qtype` and `n_cols` are static (part of the pytree structure).
+    for F32/F16/BF16. With `kernel` set, `data` is instead the tuple of arrays that
+    `qmatvec.repack` makes (see `pack`), and `linear` sends decode rows through the fused Pallas
+    kernel: "pallas" compiles it for the GPU, "interpret" runs the Pallas interpreter (CPU
+    tests). `qtype`, `n_cols` and `kernel` are static (part of the pytree structure).
     """
 
-    def __init__(self, data: jax.Array, qtype: gguf.GGMLQuantizationType, n_cols: int):
-        self.data = data
+    def __init__(self, data, qtype: gguf.GGMLQuantizationType, n_cols: int,
+                 kernel: str | None = None):
+        self.data = tuple(data) if kernel else data
         self.qtype = gguf.GGMLQuantizationType(qtype)
         self.n_cols = int(n_cols)
+        self.kernel = kernel
 
     def tree_flatten(self):
-        return (self.data,), (self.qtype, self.n_cols)
+        return (self.data if self.kernel else (self.data,)), (self.qtype, self.n_cols, self.kernel)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(children[0], *aux)
+        qtype, n_cols, kernel = aux
+        return cls(children if kernel else children[0], qtype, n_cols, kernel)
+
+    @property
+    def arrays(self) -> tuple:
+        return self.data if self.kernel else (self.data,)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.data.shape[0], self.n_cols)
+        return (self.arrays[0].shape[0], self.n_cols)
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.size * self.data.dtype.itemsize)
+        return int(sum(a.size * a.dtype.itemsize for a in self.arrays))
+
+    def with_arrays(self, fn) -> QTensor:
+        """The same matrix with `fn` applied to each of its arrays (row gathers, chunking)."""
+        return QTensor(tuple(map(fn, self.arrays)) if self.kernel else fn(self.data),
+                       self.qtype, self.n_cols, self.kernel)
 
     def dequantize(self) -> jax.Array:
         """float32 [rows, cols]."""
+        if self.kernel:
+            return qmatvec.dequantize_packed(self.data, self.qtype, self.n_cols)
         return quants.dequantize(self.data, self.qtype, self.n_cols)
 
     def __repr__(self) -> str:
-        return f"QTensor({self.qtype.name}, shape={self.shape})"
+        kind = f", {self.kernel}" if self.kernel else ""
+        return f"QTensor({self.qtype.name}, shape={self.shape}{kind})"
+
+
+KERNEL_MODES = ("off", "pallas", "interpret")
+
+
+def pack(w: QTensor, kernel: str) -> QTensor:
+    """`w` repacked for the fused decode kernel, or `w` itself where the kernel cannot take it
+    (float types, types without a kernel, shapes it rejects) or `kernel` is "off".
+
+    Works on host (numpy) or device arrays and keeps the kind: numpy in, numpy out, repacked on
+    the CPU backend, so a model can be repacked while it is read and before it is placed.
+    """
+    if kernel == "off" or w.kernel or not qmatvec.supports(w.qtype, w.shape[0], w.n_cols):
+        return w
+    if isinstance(w.data, np.ndarray):
+        with jax.default_device(jax.devices("cpu")[0]):
+            packed = tuple(np.asarray(a) for a in _repack_jit(w.data, w.qtype, w.n_cols))
+    else:
+        packed = _repack_jit(w.data, w.qtype, w.n_cols)
+    return QTensor(packed, w.qtype, w.n_cols, kernel)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _repack_jit(data, qtype, n_cols):
+    return qmatvec.repack(data, qtype, n_cols)
+
+
+def pack_layer(w: "LayerWeights", kernel: str) -> "LayerWeights":
+    """Every matrix of a layer through `pack` (norm vectors stay as they are)."""
+    return w._replace(**{k: pack(v, kernel) for k, v in w._asdict().items()
+                         if isinstance(v, QTensor)})
 
 
 class LayerWeights(NamedTuple):
@@ -125,15 +175,25 @@ def _n_chunks(rows: int, cols: int) -> int:
 
 
 def linear(x: jax.Array, w: QTensor) -> jax.Array:
-    """x [..., in] @ w.T -> [..., out], float32 accumulation."""
+    """x [..., in] @ w.T -> [..., out], float32 accumulation.
+
+    A packed `w` with at most `qmatvec.MAX_ROWS` rows of x (decode, short verification passes)
+    goes through the fused kernel; everything else dequantizes and multiplies.
+    """
     rows, cols = w.shape
+    lead = x.shape[:-1]
+    m = int(np.prod(lead))
+    if w.kernel and 1 <= m <= qmatvec.MAX_ROWS:
+        y = qmatvec.qmatvec_packed(x.reshape(m, cols), w.data, w.qtype, cols,
+                                   interpret=w.kernel == "interpret")
+        return y.reshape(*lead, rows)
     n = _n_chunks(rows, cols)
     if n == 1:
         return jnp.einsum("...i,oi->...o", x, w.dequantize(), precision=HIGHEST)
-    parts = w.data.reshape(n, rows // n, *w.data.shape[1:])
-    out = jax.lax.map(lambda d: jnp.einsum("...i,oi->...o", x, QTensor(d, w.qtype, cols).dequantize(),
-                                           precision=HIGHEST), parts)          # [n, ..., rows/n]
-    return jnp.moveaxis(out, 0, -2).reshape(*x.shape[:-1], rows)
+    parts = w.with_arrays(lambda a: a.reshape(n, rows // n, *a.shape[1:]))
+    out = jax.lax.map(lambda p: jnp.einsum("...i,oi->...o", x, p.dequantize(), precision=HIGHEST),
+                      parts)                                               # [n, ..., rows/n]
+    return jnp.moveaxis(out, 0, -2).reshape(*lead, rows)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -250,8 +310,8 @@ def forward_layers(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], caches:
 
 def embed(token_embd: QTensor, ids: jax.Array) -> jax.Array:
     """ids [B, T] -> [B, T, D] float32; only the looked-up rows are dequantized."""
-    rows = token_embd.data[ids]
-    return quants.dequantize(rows, token_embd.qtype, token_embd.n_cols)
+    rows = token_embd.with_arrays(lambda a: a[ids.reshape(-1)])
+    return rows.dequantize().reshape(*ids.shape, token_embd.n_cols)
 
 
 def head(output_norm: jax.Array, output: QTensor, x: jax.Array, eps: float) -> jax.Array:

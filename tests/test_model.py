@@ -7,6 +7,8 @@ import pytest
 
 import ntransformer_jax as nt
 from conftest import LLAMA_CPP_QUANTS
+from ntransformer_jax.model import QTensor
+from ntransformer_jax.sampling import SamplingParams
 from reference import Float64Llama, compare_logits
 
 PROSE = (
@@ -98,3 +100,22 @@ def test_continuing_from_cache_equals_fresh_run(tiny_f32_path):
     cont = list(engine.generate_tokens(second, max_new_tokens=6, params=greedy, start_pos=len(kept)))
     fresh = list(engine.generate_tokens(kept + second, max_new_tokens=6, params=greedy))
     assert cont == fresh
+
+
+@pytest.mark.parametrize("ftype", LLAMA_CPP_QUANTS)
+def test_kernel_path_matches_float64_reference(ftype, tiny_f32_path, tiny_quantized):
+    """With the fused decode kernels (Pallas interpreter on CPU), logits of up to 8 positions
+    (the kernel's rows) and greedy decoding agree with the float64 forward and the XLA path."""
+    path = tiny_quantized(ftype)
+    engine = nt.load(path, ctx_size=64, kernels="interpret")
+    packed = [w for w in engine.segments[0] if isinstance(w, QTensor) and w.kernel]
+    assert packed or ftype in ("F16", "Q5_1"), "no matrix took the kernel path"  # no kernels
+    ids = np.random.default_rng().integers(0, engine.config.n_vocab, 8)
+    ours = engine.logits(ids)
+    _check(ours, Float64Llama(path).logits(ids), max_rel=1e-4, min_top1=1.0)
+    plain = nt.load(path, ctx_size=64, kernels="off")
+    np.testing.assert_allclose(ours, plain.logits(ids), rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+    prompt = [int(i) for i in ids[:4]]
+    greedy = SamplingParams(temperature=0.0)
+    assert (list(engine.generate_tokens(prompt, max_new_tokens=4, params=greedy))
+            == list(plain.generate_tokens(prompt, max_new_tokens=4, params=greedy)))
