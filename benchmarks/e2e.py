@@ -34,6 +34,7 @@ flags.DEFINE_integer("repeats", 5, "Timed repeats.")
 flags.DEFINE_float("vram_budget_gb", None, "Tier option, as in the CLI.")
 flags.DEFINE_float("ram_budget_gb", None, "Tier option, as in the CLI.")
 flags.DEFINE_list("kernels", ["auto"], "Kernel modes to run one after the other (auto, off, on).")
+flags.DEFINE_enum("matmul", "f32", ["f32", "bf16"], "Prefill matmul input type (engine option).")
 flags.DEFINE_string("out", None, "Folder for e2e.json.")
 FLAGS = flags.FLAGS
 
@@ -50,7 +51,7 @@ def main(argv):
             json.dump(runs, f, indent=1)
     print(json.dumps(runs, indent=1))
     for res in runs:
-        print(f"\n{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']}: "
+        print(f"\n{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']} matmul={res['matmul']}: "
               f"pp{FLAGS.pp} {res['pp_tok_per_s']['median']:.1f} tok/s, tg{FLAGS.tg} "
               f"{res['tg_tok_per_s']['median']:.1f} tok/s (roofline {res.get('tg_roofline')}, "
               f"HBM {hbm} GB/s)")
@@ -62,9 +63,9 @@ def run(path: str, kernels: str, hbm: float | None) -> dict:
                model=os.path.basename(path), hbm_read_gbps=hbm)
     t = time.perf_counter()
     eng = nt.load(path, ctx_size=FLAGS.pp + FLAGS.tg + 16, vram_budget_gb=FLAGS.vram_budget_gb,
-                  ram_budget_gb=FLAGS.ram_budget_gb, kernels=kernels)
+                  ram_budget_gb=FLAGS.ram_budget_gb, kernels=kernels, matmul=FLAGS.matmul)
     res["load_s"] = time.perf_counter() - t
-    res["kernels"] = eng.kernels
+    res["kernels"], res["matmul"] = eng.kernels, eng.matmul
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, min(eng.config.n_vocab, 30000), FLAGS.pp).tolist()
     greedy = nt.SamplingParams(temperature=0)

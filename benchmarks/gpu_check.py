@@ -43,8 +43,11 @@ def logits_check(path: str, n: int = 64) -> dict:
     rel, top1 = compare_logits(engine.logits(ids), ref)
     k_rel, k_top1 = compare_logits(engine.logits(ids[:8]), ref[:8])
     ok = bool(rel <= 1e-2 and top1 >= 0.97 and k_rel <= 1e-2 and k_top1 >= 0.97)
+    bf16 = nt.load(path, ctx_size=256, matmul="bf16")
+    b_rel, b_top1 = compare_logits(bf16.logits(ids), ref)
     return dict(model=os.path.basename(path), kernels=engine.kernels, rel=rel, top1=top1,
-                kernel_rel=k_rel, kernel_top1=k_top1, passed=ok)
+                kernel_rel=k_rel, kernel_top1=k_top1, passed=ok, bf16_prefill_rel=b_rel,
+                bf16_prefill_top1=b_top1)
 
 
 def decode_speed(path: str) -> dict:
@@ -83,7 +86,8 @@ def main(argv):
     print(f"\n{res['device_kind']} jax {res['jax']} HBM read {res['hbm_read_gbps']} GB/s")
     for r in res["logits"]:
         print(f"{r['model']:40s} rel {r['rel']:.2e} top1 {r['top1']:.3f} | 8 rows ({r['kernels']}) "
-              f"rel {r['kernel_rel']:.2e} top1 {r['kernel_top1']:.3f} {'PASS' if r['passed'] else 'FAIL'}")
+              f"rel {r['kernel_rel']:.2e} top1 {r['kernel_top1']:.3f} {'PASS' if r['passed'] else 'FAIL'}"
+              f" | bf16 prefill rel {r['bf16_prefill_rel']:.2e} top1 {r['bf16_prefill_top1']:.3f}")
     if "decode" in res:
         print(f"decode {res['decode']['tok_per_s']:.1f} tok/s {res['decode'].get('ratio')}")
 

@@ -12,6 +12,6 @@ KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/t
 models=$(ls .gpu2/tiny-q*.gguf 2>/dev/null | tr '\n' ',' | sed 's/,$//')
 [ -n "$models" ] && timeout 240 python3 benchmarks/gpu_check.py --models "$models" --out "$OUT" 2>&1 | tail -12
 for q in ${quants[@]}; do
-    timeout 300 python3 benchmarks/e2e.py --shape 8b --quant "$q" --kernels auto,off --repeats 3 \
+    timeout 300 python3 benchmarks/e2e.py --shape 8b --quant "$q" --kernels auto,off --matmul bf16 --repeats 3 \
         --out "$OUT" --workdir /root/models 2>&1 | tail -3
 done

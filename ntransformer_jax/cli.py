@@ -39,6 +39,8 @@ flags.DEFINE_enum("streaming", "pipeline", ["pipeline", "mmap"],
 flags.DEFINE_integer("prefetch_depth", 2, "Streamed layers in flight ahead of the one computing.")
 flags.DEFINE_enum("kernels", "auto", ["auto", "on", "off"],
                   "Fused Pallas dequantize+matvec kernels for decode: auto = on a GPU only.")
+flags.DEFINE_enum("matmul", "f32", ["f32", "bf16"],
+                  "Input type of prompt (prefill) matmuls: f32 exact, bf16 on tensor cores (fast).")
 flags.DEFINE_boolean("benchmark", False, "Print per-token timing: compute, waits on copies and disk, bytes per tier.")
 flags.DEFINE_string("draft_model", None, "Smaller GGUF with the same vocabulary for speculative decoding, or "
                     "'self': the model's own VRAM-resident layers draft (tiered models).")
@@ -293,7 +295,8 @@ def main(argv: list[str]) -> None:
                           ram_budget_gb=FLAGS.ram_budget_gb, max_vram_layers=FLAGS.max_vram_layers,
                           max_ram_layers=FLAGS.max_ram_layers, streaming=FLAGS.streaming,
                           prefetch_depth=FLAGS.prefetch_depth, progress=progress,
-                          draft_model=FLAGS.draft_model, draft_k=FLAGS.draft_k, kernels=FLAGS.kernels)
+                          draft_model=FLAGS.draft_model, draft_k=FLAGS.draft_k, kernels=FLAGS.kernels,
+                          matmul=FLAGS.matmul)
         if engine.layered:
             print(f"placement: {engine.plan.summary()}", file=sys.stderr)
         if FLAGS.chat:

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from ntransformer_jax import model as M
+from ntransformer_jax.kernels import qmatvec
 from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError
 from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, TensorInfo
 from ntransformer_jax.sampling import SamplingParams, sample
@@ -132,7 +133,8 @@ class Engine:
 
     def __init__(self, model_file: ModelFile, *, ctx_size: int | None = None,
                  device: jax.Device | None = None, tier_options: TierOptions | None = None,
-                 progress: Callable[[int, int], None] | None = None, kernels: str = "auto"):
+                 progress: Callable[[int, int], None] | None = None, kernels: str = "auto",
+                 matmul: str = "f32"):
         self.model_file = model_file
         self.config: LlamaConfig = model_file.config
         try:
@@ -150,6 +152,9 @@ class Engine:
         self.device = device or jax.devices()[0]
         self.tier_options = tier_options or TierOptions()
         self.kernels = _kernel_mode(kernels, self.device)
+        if matmul not in M.MATMUL_TYPES:
+            raise InputError(f"matmul={matmul!r} must be one of {', '.join(M.MATMUL_TYPES)}")
+        self.matmul = matmul
         self._progress = progress
         self.streamer: Streamer | None = None
         self.draft: "Engine | None" = None       # speculative decoding, see `load(draft_model=...)`
@@ -173,7 +178,7 @@ class Engine:
 
     def _qtensor(self, info: TensorInfo, pack: bool = True) -> M.QTensor:
         w = M.QTensor(self._put(info), info.qtype, info.shape[-1])
-        return M.pack(w, self.kernels) if pack else w
+        return M.pack(w, self.kernels if pack else "off", self.matmul)
 
     def _vector(self, info: TensorInfo) -> jax.Array:
         return self._qtensor(info, pack=False).dequantize().reshape(-1)
@@ -184,7 +189,11 @@ class Engine:
         w = _layer_from_arrays({short: (self.model_file.layer_tensor(i, short),
                                         _to_host_array(self.model_file.layer_tensor(i, short)))
                                 for short in LAYER_TENSORS})
-        return M.pack_layer(w, self.kernels) if pack else w
+        return M.pack_layer(w, self.kernels if pack else "off", self.matmul)
+
+    def _staged_layer(self, i: int, span_start: int, buf: np.ndarray) -> M.LayerWeights:
+        return M.pack_layer(_layer_from_staging(self.model_file, i, span_start, buf), "off",
+                            self.matmul)
 
     def _load_weights(self) -> None:
         f, cfg, opts = self.model_file, self.config, self.tier_options
@@ -218,7 +227,7 @@ class Engine:
                                              build=functools.partial(self._host_layer, i))
                 else:
                     sources[i] = LayerSource("disk", span=spans[i], n_bytes=layer_bytes[i],
-                                             build=functools.partial(_layer_from_staging, f, i, spans[i][0]))
+                                             build=functools.partial(self._staged_layer, i, spans[i][0]))
                 done += layer_bytes[i]
                 if self._progress:
                     self._progress(done, total)
@@ -346,7 +355,9 @@ class Engine:
         while start < t:
             n = min(MAX_PREFILL_CHUNK, t - start)
             room = self.ctx_size - (pos + start)
-            bucket = max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()) if n > 1 else 1
+            bucket = 1 << (n - 1).bit_length()
+            if b * bucket > qmatvec.MAX_ROWS:     # short passes stay within the decode kernels' rows
+                bucket = max(MIN_PREFILL_BUCKET, bucket)
             if bucket > room:
                 bucket = n
             chunk = np.zeros((b, bucket), np.int32)
@@ -646,7 +657,8 @@ def _kernel_mode(kernels: str, device: jax.Device) -> str:
 
 def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
          progress: Callable[[int, int], None] | None = None, draft_model: str | None = None,
-         draft_k: int = 4, kernels: str = "auto", **tier_options) -> Engine:
+         draft_k: int = 4, kernels: str = "auto", matmul: str = "f32",
+         **tier_options) -> Engine:
     """Open a GGUF Llama model and place its weights.
 
     Args:
@@ -661,6 +673,9 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
         "pallas" or "interpret" (the Pallas interpreter: CPU tests). With kernels, matrices of
         the supported types are repacked at load (see `qmatvec`) in tiers A and B; tier C and
         the mmap baseline keep the file's layout.
+      matmul: input type of the prefill matmuls (more than 8 rows): "f32" (exact float32
+        products, the default) or "bf16" (tensor cores, float32 accumulation: much faster
+        prompts, logits within about 1e-2).
       **tier_options: `TierOptions` fields: vram_budget_gb, ram_budget_gb, max_vram_layers,
         max_ram_layers, streaming ("pipeline" | "mmap"), prefetch_depth, reader, o_direct,
         read_threads. With none given, layers stay in device memory when they fit.
@@ -679,7 +694,7 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
     model_file = ModelFile(path)
     try:
         engine = Engine(model_file, ctx_size=ctx_size, tier_options=options, progress=progress,
-                        kernels=kernels)
+                        kernels=kernels, matmul=matmul)
     except NTransformerError:
         model_file.close()
         raise

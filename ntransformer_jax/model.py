@@ -33,23 +33,26 @@ class QTensor:
     for F32/F16/BF16. With `kernel` set, `data` is instead the tuple of arrays that
     `qmatvec.repack` makes (see `pack`), and `linear` sends decode rows through the fused Pallas
     kernel: "pallas" compiles it for the GPU, "interpret" runs the Pallas interpreter (CPU
-    tests). `qtype`, `n_cols` and `kernel` are static (part of the pytree structure).
+    tests). `matmul` is the input type of the matmuls that dequantize (prefill): "f32" (exact
+    float32 products) or "bf16" (tensor cores; float32 accumulation). `qtype`, `n_cols`,
+    `kernel` and `matmul` are static (part of the pytree structure).
     """
 
     def __init__(self, data, qtype: gguf.GGMLQuantizationType, n_cols: int,
-                 kernel: str | None = None):
+                 kernel: str | None = None, matmul: str = "f32"):
         self.data = tuple(data) if kernel else data
         self.qtype = gguf.GGMLQuantizationType(qtype)
         self.n_cols = int(n_cols)
         self.kernel = kernel
+        self.matmul = matmul
 
     def tree_flatten(self):
-        return (self.data if self.kernel else (self.data,)), (self.qtype, self.n_cols, self.kernel)
+        return (self.arrays, (self.qtype, self.n_cols, self.kernel, self.matmul))
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        qtype, n_cols, kernel = aux
-        return cls(children if kernel else children[0], qtype, n_cols, kernel)
+        qtype, n_cols, kernel, matmul = aux
+        return cls(children if kernel else children[0], qtype, n_cols, kernel, matmul)
 
     @property
     def arrays(self) -> tuple:
@@ -66,7 +69,7 @@ class QTensor:
     def with_arrays(self, fn) -> QTensor:
         """The same matrix with `fn` applied to each of its arrays (row gathers, chunking)."""
         return QTensor(tuple(map(fn, self.arrays)) if self.kernel else fn(self.data),
-                       self.qtype, self.n_cols, self.kernel)
+                       self.qtype, self.n_cols, self.kernel, self.matmul)
 
     def dequantize(self) -> jax.Array:
         """float32 [rows, cols]."""
@@ -76,27 +79,29 @@ class QTensor:
 
     def __repr__(self) -> str:
         kind = f", {self.kernel}" if self.kernel else ""
-        return f"QTensor({self.qtype.name}, shape={self.shape}{kind})"
+        return f"QTensor({self.qtype.name}, shape={self.shape}{kind}, matmul={self.matmul})"
 
 
 KERNEL_MODES = ("off", "pallas", "interpret")
+MATMUL_TYPES = ("f32", "bf16")
 
 
-def pack(w: QTensor, kernel: str) -> QTensor:
+def pack(w: QTensor, kernel: str, matmul: str = "f32") -> QTensor:
     """`w` repacked for the fused decode kernel, or `w` itself where the kernel cannot take it
     (float types, types without a kernel, shapes it rejects) or `kernel` is "off".
 
     Works on host (numpy) or device arrays and keeps the kind: numpy in, numpy out, repacked on
     the CPU backend, so a model can be repacked while it is read and before it is placed.
+    `matmul` is set either way (see `QTensor`).
     """
     if kernel == "off" or w.kernel or not qmatvec.supports(w.qtype, w.shape[0], w.n_cols):
-        return w
+        return QTensor(w.data, w.qtype, w.n_cols, w.kernel, matmul)
     if isinstance(w.data, np.ndarray):
         with jax.default_device(jax.devices("cpu")[0]):
             packed = tuple(np.asarray(a) for a in _repack_jit(w.data, w.qtype, w.n_cols))
     else:
         packed = _repack_jit(w.data, w.qtype, w.n_cols)
-    return QTensor(packed, w.qtype, w.n_cols, kernel)
+    return QTensor(packed, w.qtype, w.n_cols, kernel, matmul)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -104,9 +109,9 @@ def _repack_jit(data, qtype, n_cols):
     return qmatvec.repack(data, qtype, n_cols)
 
 
-def pack_layer(w: "LayerWeights", kernel: str) -> "LayerWeights":
+def pack_layer(w: "LayerWeights", kernel: str, matmul: str = "f32") -> "LayerWeights":
     """Every matrix of a layer through `pack` (norm vectors stay as they are)."""
-    return w._replace(**{k: pack(v, kernel) for k, v in w._asdict().items()
+    return w._replace(**{k: pack(v, kernel, matmul) for k, v in w._asdict().items()
                          if isinstance(v, QTensor)})
 
 
@@ -187,12 +192,17 @@ def linear(x: jax.Array, w: QTensor) -> jax.Array:
         y = qmatvec.qmatvec_packed(x.reshape(m, cols), w.data, w.qtype, cols,
                                    interpret=w.kernel == "interpret")
         return y.reshape(*lead, rows)
+    if w.matmul == "bf16" and m > qmatvec.MAX_ROWS:
+        x = x.astype(jnp.bfloat16)
+        mm = lambda p: jnp.einsum("...i,oi->...o", x, p.dequantize().astype(jnp.bfloat16),
+                                  preferred_element_type=jnp.float32)
+    else:
+        mm = lambda p: jnp.einsum("...i,oi->...o", x, p.dequantize(), precision=HIGHEST)
     n = _n_chunks(rows, cols)
     if n == 1:
-        return jnp.einsum("...i,oi->...o", x, w.dequantize(), precision=HIGHEST)
+        return mm(w)
     parts = w.with_arrays(lambda a: a.reshape(n, rows // n, *a.shape[1:]))
-    out = jax.lax.map(lambda p: jnp.einsum("...i,oi->...o", x, p.dequantize(), precision=HIGHEST),
-                      parts)                                               # [n, ..., rows/n]
+    out = jax.lax.map(mm, parts)                                           # [n, ..., rows/n]
     return jnp.moveaxis(out, 0, -2).reshape(*lead, rows)
 
 

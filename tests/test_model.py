@@ -119,3 +119,16 @@ def test_kernel_path_matches_float64_reference(ftype, tiny_f32_path, tiny_quanti
     greedy = SamplingParams(temperature=0.0)
     assert (list(engine.generate_tokens(prompt, max_new_tokens=4, params=greedy))
             == list(plain.generate_tokens(prompt, max_new_tokens=4, params=greedy)))
+
+
+def test_bf16_prefill_stays_close(tiny_quantized):
+    """matmul="bf16" rounds prefill matmul inputs to bfloat16 (float32 accumulation): logits
+    stay close to the float64 forward, and decode rows keep float32."""
+    path = tiny_quantized("Q8_0")
+    engine = nt.load(path, ctx_size=64, matmul="bf16")
+    ids = np.random.default_rng().integers(0, engine.config.n_vocab, 32)
+    ref = Float64Llama(path).logits(ids)
+    rel, _ = _check(engine.logits(ids), ref, max_rel=3e-2, min_top1=0.9)
+    assert rel > 1e-5, "bf16 prefill looks like float32: was matmul ignored?"
+    fresh = nt.load(path, ctx_size=64, matmul="bf16")   # (the first engine's cache holds bf16 KV)
+    _check(fresh.logits(ids[:8]), ref[:8], max_rel=1e-4, min_top1=1.0)
