@@ -36,23 +36,32 @@ class QTensor:
     tests). `matmul` is the input type of the matmuls that dequantize (prefill): "f32" (exact
     float32 products) or "bf16" (tensor cores; float32 accumulation). `qtype`, `n_cols`,
     `kernel` and `matmul` are static (part of the pytree structure).
+
+    `index`, when set (an int32 scalar), says the arrays hold a stack of matrices on a leading
+    axis and this tensor is entry `index` of it: the fused kernel then reads that entry in place
+    (a `lax.scan` over stacked layers would otherwise copy every layer's slice before the
+    kernel call: a second pass over all weights per token).
     """
 
     def __init__(self, data, qtype: gguf.GGMLQuantizationType, n_cols: int,
-                 kernel: str | None = None, matmul: str = "f32"):
+                 kernel: str | None = None, matmul: str = "f32", index=None):
         self.data = tuple(data) if kernel else data
         self.qtype = gguf.GGMLQuantizationType(qtype)
         self.n_cols = int(n_cols)
         self.kernel = kernel
         self.matmul = matmul
+        self.index = index
 
     def tree_flatten(self):
-        return (self.arrays, (self.qtype, self.n_cols, self.kernel, self.matmul))
+        indexed = self.index is not None
+        return (self.arrays + ((self.index,) if indexed else ()),
+                (self.qtype, self.n_cols, self.kernel, self.matmul, indexed))
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        qtype, n_cols, kernel, matmul = aux
-        return cls(children if kernel else children[0], qtype, n_cols, kernel, matmul)
+        qtype, n_cols, kernel, matmul, indexed = aux
+        arrays, index = (children[:-1], children[-1]) if indexed else (children, None)
+        return cls(arrays if kernel else arrays[0], qtype, n_cols, kernel, matmul, index)
 
     @property
     def arrays(self) -> tuple:
@@ -60,19 +69,33 @@ class QTensor:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.arrays[0].shape[0], self.n_cols)
+        return (self.arrays[0].shape[0 if self.index is None else 1], self.n_cols)
 
     @property
     def nbytes(self) -> int:
         return int(sum(a.size * a.dtype.itemsize for a in self.arrays))
 
+    def entry(self, index) -> QTensor:
+        """Entry `index` of a stack of matrices, read in place by the kernel (see `index`)."""
+        return QTensor(self.data, self.qtype, self.n_cols, self.kernel, self.matmul, index)
+
     def with_arrays(self, fn) -> QTensor:
-        """The same matrix with `fn` applied to each of its arrays (row gathers, chunking)."""
+        """The same matrix with `fn` applied to each of its arrays (row gathers, chunking);
+        a stack entry is sliced out first."""
+        if self.index is not None:
+            i = self.index
+            return self.with_arrays_unindexed(lambda a: fn(jax.lax.dynamic_index_in_dim(
+                a, i, 0, keepdims=False)))
+        return self.with_arrays_unindexed(fn)
+
+    def with_arrays_unindexed(self, fn) -> QTensor:
         return QTensor(tuple(map(fn, self.arrays)) if self.kernel else fn(self.data),
                        self.qtype, self.n_cols, self.kernel, self.matmul)
 
     def dequantize(self) -> jax.Array:
         """float32 [rows, cols]."""
+        if self.index is not None:
+            return self.with_arrays(lambda a: a).dequantize()
         if self.kernel:
             return qmatvec.dequantize_packed(self.data, self.qtype, self.n_cols)
         return quants.dequantize(self.data, self.qtype, self.n_cols)
@@ -190,8 +213,10 @@ def linear(x: jax.Array, w: QTensor) -> jax.Array:
     m = int(np.prod(lead))
     if w.kernel and 1 <= m <= qmatvec.MAX_ROWS:
         y = qmatvec.qmatvec_packed(x.reshape(m, cols), w.data, w.qtype, cols,
-                                   interpret=w.kernel == "interpret")
+                                   interpret=w.kernel == "interpret", layer=w.index)
         return y.reshape(*lead, rows)
+    if w.index is not None:
+        w = w.with_arrays(lambda a: a)
     if w.matmul == "bf16" and m > qmatvec.MAX_ROWS:
         x = x.astype(jnp.bfloat16)
         mm = lambda p: jnp.einsum("...i,oi->...o", x, p.dequantize().astype(jnp.bfloat16),
@@ -308,12 +333,12 @@ def forward_layers(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], caches:
     on a leading axis, and runs as one `lax.scan`; its cache is stacked the same way [L, B, S, K, H]."""
     new_caches = []
     for seg, cache in zip(segments, caches):
-        def body(carry, inp):
+        def body(carry, i, seg=seg):
             x, cache = carry
-            w, i = inp
+            w = LayerWeights(*(v.entry(i) if isinstance(v, QTensor) else v[i] for v in seg))
             return block_fn(cfg, w, x, cache, pos, inv_freq, layer=i), None
         n = cache.k.shape[0]
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (seg, jnp.arange(n, dtype=jnp.int32)))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(n, dtype=jnp.int32))
         new_caches.append(cache)
     return x, tuple(new_caches)
 

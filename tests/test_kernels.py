@@ -262,3 +262,18 @@ def test_supports():
     assert not qm.supports(T.Q6_K, 576, 576)      # K not whole 128-value blocks
     assert not qm.supports(T.Q4_0, 36, 64)        # N not a multiple of 8
     assert not qm.supports(T.F16, 64, 64) and not qm.supports(T.Q2_K, 64, 256)
+
+
+@pytest.mark.parametrize("qtype", (T.Q8_0, T.Q4_K, T.Q6_K), ids=lambda t: t.name)
+def test_stacked_layer_index(seed, qtype):
+    """Packed arrays stacked over layers plus a traced layer index give that layer's product
+    (the engine's scan over resident layers), inside jit and with a split K."""
+    rng = np.random.default_rng(seed)
+    ws = [random_weight(rng, qtype, 32, 512) for _ in range(3)]
+    stack = tuple(jnp.stack(a) for a in zip(*(qm.repack(w, qtype) for w in ws)))
+    x = random_x(rng, 2, 512, jnp.float32)
+    f = jax.jit(lambda x, s, i: qm.qmatvec_packed(
+        x, s, qtype, 512, layer=i, interpret=INTERPRET,
+        block_sizes=qm.BlockSizes(block_n=16, block_k=256, split_k=2)))
+    for i in (2, 0, 1):
+        check_close(f(x, stack, jnp.int32(i)), x, ws[i], qtype, f"layer {i}, seed={seed}")

@@ -504,12 +504,18 @@ def dequantize_packed(packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizatio
 # ---------------------------------------------------------------------------------------------
 
 def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: int,
-                    m_rows: int):
+                    m_rows: int, stacked: bool):
     """One program: rows [block_n] of the output, over chunks [c0, c0 + n_chunks) of K.
 
-    refs: the packed weight arrays (tiles [block_n, K / block, ...]), the x arrays
-    ([Mp, K / block, ...]), then o_ref: [Mp, block_n] f32 partial sums of this K-split.
+    refs: with `stacked`, first a [1] int32 layer index; then the packed weight arrays (tiles
+    [block_n, K / block, ...], or [L, block_n, K / block, ...] of which the program reads
+    the layer's), the x arrays ([Mp, K / block, ...]), then o_ref: [Mp, block_n] f32 partial
+    sums of this K-split.
     """
+    lead = (slice(None),)
+    if stacked:
+        lead = (refs[0][0], slice(None))
+        refs = refs[1:]
     w_refs, x_refs, o_ref = refs[:n_weights], refs[n_weights:-1], refs[-1]
     chunk0 = pl.program_id(1) * n_chunks
 
@@ -519,7 +525,7 @@ def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: 
 
     def step(i, acc):
         start = pl.multiple_of((chunk0 + i) * blocks, blocks)
-        unpacked = fmt.unpack(*(tile(r, (slice(None),), start) for r in w_refs))
+        unpacked = fmt.unpack(*(tile(r, lead, start) for r in w_refs))
         return tuple(a + fmt.dot(unpacked, tuple(tile(r, (m,), start) for r in x_refs))
                      for m, a in enumerate(acc))
 
@@ -591,21 +597,31 @@ def _whole(a: jax.Array) -> pl.BlockSpec:
     return pl.BlockSpec(a.shape, lambda n, s: (0,) * a.ndim)
 
 
-def _row_tile(a: jax.Array, block_n: int) -> pl.BlockSpec:
+def _row_tile(a: jax.Array, block_n: int, stacked: bool) -> pl.BlockSpec:
+    if stacked:   # every layer's rows of the tile; the kernel picks the layer
+        return pl.BlockSpec((a.shape[0], block_n, *a.shape[2:]),
+                            lambda n, s: (0, n) + (0,) * (a.ndim - 2))
     return pl.BlockSpec((block_n, *a.shape[1:]), lambda n, s: (n,) + (0,) * (a.ndim - 1))
 
 
 def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Format, p: Plan, *,
-            interpret: bool, out_init: jax.Array | None = None) -> jax.Array:
+            interpret: bool, out_init: jax.Array | None = None,
+            layer: jax.Array | None = None) -> jax.Array:
     """Run the kernel on the x arrays `xs`; returns the partial sums [split_k, Mp, N] f32.
 
+    `layer`: with packed arrays stacked on a leading layer axis, the [1] int32 index of the one
+    to use (read inside the kernel, so no slice of the stack is ever copied).
     `out_init`, if given, is the output buffer's starting content (tests poison it with NaN).
     """
     bs = p.block_sizes
-    n_rows = packed[0].shape[0]
+    stacked = layer is not None
+    n_rows = packed[0].shape[1 if stacked else 0]
     out_spec = pl.BlockSpec((None, p.m_padded, bs.block_n), lambda n, s: (s, 0, n))
-    in_specs = [_row_tile(a, bs.block_n) for a in packed] + [_whole(a) for a in xs]
+    in_specs = [_row_tile(a, bs.block_n, stacked) for a in packed] + [_whole(a) for a in xs]
     operands = [*packed, *xs]
+    if stacked:
+        in_specs.insert(0, _whole(layer))
+        operands.insert(0, layer)
     aliases = {}
     if out_init is not None:
         in_specs.append(out_spec)
@@ -613,7 +629,7 @@ def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Form
         aliases = {len(operands) - 1: 0}
     kernel = functools.partial(_qmatvec_kernel, fmt=fmt, n_weights=len(packed),
                                blocks=bs.block_k // fmt.block, n_chunks=p.n_chunks,
-                               m_rows=p.m_padded)
+                               m_rows=p.m_padded, stacked=stacked)
     if out_init is not None:
         kernel = _drop_arg(kernel, -2)
     return pl.pallas_call(
@@ -650,14 +666,18 @@ def _check_x(x: jax.Array, n_cols: int) -> None:
 @functools.partial(jax.jit, static_argnames=("qtype", "n_cols", "block_sizes", "interpret"))
 def qmatvec_packed(x: jax.Array, packed: tuple[jax.Array, ...],
                    qtype: gguf.GGMLQuantizationType, n_cols: int, *,
-                   block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+                   block_sizes: BlockSizes | None = None, interpret: bool = False,
+                   layer: jax.Array | None = None) -> jax.Array:
     """y = x @ W^T with W given as `repack(w_data, qtype)`; the form to use in the engine.
 
     Args:
         x: [M, K] float32 or bfloat16, 1 <= M <= 8.
-        packed: `repack(w_data, qtype)`, arrays with N rows.
+        packed: `repack(w_data, qtype)`, arrays with N rows; with `layer`, the same for L
+            matrices stacked on a new leading axis.
         qtype: the GGML type (static).
         n_cols: K (static).
+        layer: int32 scalar, which of the stacked matrices to use (a `lax.scan` over stacked
+            layers passes its index, so no per-layer slice of the weights is materialized).
         block_sizes: tiling; `BlockSizes.get_default(qtype, N, K)` when None.
         interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
 
@@ -670,14 +690,18 @@ def qmatvec_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     fmt = _format(qtype)
     qtype = T(qtype)
     _check_x(x, n_cols)
-    n_rows = packed[0].shape[0]
-    expect = [(tuple(s.shape), s.dtype) for s in packed_shapes(qtype, n_rows, n_cols)]
+    lead = () if layer is None else packed[0].shape[:1]
+    n_rows = packed[0].shape[len(lead)]
+    expect = [(lead + tuple(s.shape), s.dtype) for s in packed_shapes(qtype, n_rows, n_cols)]
     got = [(tuple(a.shape), a.dtype) for a in packed]
     if got != expect:
         raise InputError(f"packed {qtype.name} arrays have shapes {got}, expected {expect}"
                          f" for {n_cols=} (pass the output of repack)")
     p = plan(qtype, x.shape[0], n_rows, n_cols, block_sizes)
-    out = _launch(_x_arrays(x, fmt, p.m_padded), packed, fmt, p, interpret=interpret)
+    if layer is not None:
+        layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    out = _launch(_x_arrays(x, fmt, p.m_padded), packed, fmt, p, interpret=interpret,
+                  layer=layer)
     return out.sum(axis=0)[: x.shape[0]]  # [M, N]
 
 
