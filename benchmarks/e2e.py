@@ -35,6 +35,7 @@ flags.DEFINE_float("vram_budget_gb", None, "Tier option, as in the CLI.")
 flags.DEFINE_float("ram_budget_gb", None, "Tier option, as in the CLI.")
 flags.DEFINE_list("kernels", ["auto"], "Kernel modes to run one after the other (auto, off, on).")
 flags.DEFINE_enum("matmul", "f32", ["f32", "bf16"], "Prefill matmul input type (engine option).")
+flags.DEFINE_integer("scan_unroll", 0, "Set model.SCAN_UNROLL (0: keep the default; -1: full unroll).")
 flags.DEFINE_string("out", None, "Folder for e2e.json.")
 FLAGS = flags.FLAGS
 
@@ -42,6 +43,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     path = FLAGS.model or synthetic_file(FLAGS.workdir, FLAGS.shape, FLAGS.quant)[0]
+    if FLAGS.scan_unroll:
+        from ntransformer_jax import model
+        model.SCAN_UNROLL = True if FLAGS.scan_unroll < 0 else FLAGS.scan_unroll
     hbm = hbm_read_gbps() if jax.default_backend() == "gpu" else None
     runs = [run(path, mode, hbm) for mode in FLAGS.kernels]
     if FLAGS.out:
@@ -51,7 +55,8 @@ def main(argv):
             json.dump(runs, f, indent=1)
     print(json.dumps(runs, indent=1))
     for res in runs:
-        print(f"\n{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']} matmul={res['matmul']}: "
+        print(f"\n{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']} "
+              f"matmul={res['matmul']} unroll={res['scan_unroll']} load {res['load_s']:.0f}s: "
               f"pp{FLAGS.pp} {res['pp_tok_per_s']['median']:.1f} tok/s, tg{FLAGS.tg} "
               f"{res['tg_tok_per_s']['median']:.1f} tok/s (roofline {res.get('tg_roofline')}, "
               f"HBM {hbm} GB/s)")
@@ -66,6 +71,8 @@ def run(path: str, kernels: str, hbm: float | None) -> dict:
                   ram_budget_gb=FLAGS.ram_budget_gb, kernels=kernels, matmul=FLAGS.matmul)
     res["load_s"] = time.perf_counter() - t
     res["kernels"], res["matmul"] = eng.kernels, eng.matmul
+    res["scan_unroll"] = FLAGS.scan_unroll
+    res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, min(eng.config.n_vocab, 30000), FLAGS.pp).tolist()
     greedy = nt.SamplingParams(temperature=0)

@@ -2,12 +2,15 @@
 # Resident-path figures in one device call (see BUILD.md's GPU section for the install prefix):
 # compiled kernel tests, the logits check with the decode kernels on, and llama-bench-like
 # pp512/tg128 on synthetic files with the kernels on and off. Results under $OUT.
-#   STEPS="tests check e2e" E2E="8b:Q8_0 8b:Q4_0" MODES=auto,off bash benchmarks/resident_run.sh
+#   STEPS="tests check e2e" E2E="8b:Q8_0 8b:Q4_0" MODES=auto,off REPEATS=3 UNROLL=0 \
+#       bash benchmarks/resident_run.sh
 set -u
 OUT=${OUT:-/tmp/out}
 STEPS=${STEPS:-tests check e2e}
 E2E=${E2E:-8b:Q8_0 8b:Q4_0}
 MODES=${MODES:-auto,off}
+REPEATS=${REPEATS:-3}
+UNROLL=${UNROLL:-0}
 mkdir -p "$OUT"
 if [[ $STEPS == *tests* ]]; then
     KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
@@ -21,6 +24,7 @@ if [[ $STEPS == *e2e* ]]; then
     for job in $E2E; do
         shape=${job%%:*}; q=${job#*:}
         timeout 420 python3 benchmarks/e2e.py --shape "$shape" --quant "$q" --kernels "$MODES" \
-            --matmul bf16 --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep -A1 "^NVIDIA"
+            --matmul bf16 --repeats "$REPEATS" --scan_unroll "$UNROLL" --out "$OUT" \
+            --workdir /root/models 2>&1 | grep -v "^ \|^\[\|^{\|^}\|^$" | tail -4
     done
 fi

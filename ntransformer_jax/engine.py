@@ -255,26 +255,33 @@ class Engine:
 
     def _load_resident_segments(self, layer_bytes: list[int]) -> None:
         # Consecutive layers with the same weight signature (types and shapes) form a segment,
-        # stacked on a leading axis and run by one lax.scan: one dispatch for all layers.
+        # stacked on a leading axis and run by one lax.scan: one dispatch for all layers. Each
+        # segment is filled layer by layer into one preallocated host stack (repacked on the
+        # way), so host memory peaks at one segment, not two (a 70B model is 40 GB).
         signature = lambda w: (jax.tree_util.tree_structure(w),
-                               tuple(np.shape(x) for x in jax.tree_util.tree_leaves(w)))
-        segments: list[list[M.LayerWeights]] = []
-        run: list[M.LayerWeights] = []
+                               tuple((np.shape(x), np.asarray(x).dtype)
+                                     for x in jax.tree_util.tree_leaves(w)))
+        n_layers = self.config.n_layers
+        sigs = [signature(self._host_layer(i)) for i in range(n_layers)]   # views: no reads
+        bounds = [0] + [i for i in range(1, n_layers) if sigs[i] != sigs[i - 1]] + [n_layers]
         total, done = sum(layer_bytes), 0
-        for i in range(self.config.n_layers):
-            w = self._host_layer(i, pack=True)
-            if run and signature(w) != signature(run[0]):
-                segments.append(run)
-                run = []
-            run.append(w)
-            done += layer_bytes[i]
-            if self._progress:
-                self._progress(done, total)
-        segments.append(run)
-        self.segments = tuple(
-            jax.device_put(jax.tree_util.tree_map(lambda *xs: np.stack(xs), *seg), self.device)
-            for seg in segments)
-        self.segment_sizes = tuple(len(seg) for seg in segments)
+        segments, sizes = [], []
+        for start, end in zip(bounds, bounds[1:]):
+            stack = None
+            for i in range(start, end):
+                leaves, tree = jax.tree_util.tree_flatten(self._host_layer(i, pack=True))
+                if stack is None:
+                    stack = [np.empty((end - start, *np.shape(a)), np.asarray(a).dtype) for a in leaves]
+                for dst, a in zip(stack, leaves):
+                    dst[i - start] = a
+                done += layer_bytes[i]
+                if self._progress:
+                    self._progress(done, total)
+            segments.append(jax.device_put(jax.tree_util.tree_unflatten(tree, stack), self.device))
+            sizes.append(end - start)
+            del stack
+        self.segments = tuple(segments)
+        self.segment_sizes = tuple(sizes)
 
     def _new_caches(self, batch: int = 1):
         cfg = self.config

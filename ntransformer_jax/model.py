@@ -327,6 +327,11 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
 block = jax.jit(block_fn, static_argnames=("cfg",), donate_argnames=("cache",))
 
 
+# Layers per iteration of the resident scan (True: the whole segment as straight-line code).
+# Read when a step is first traced; benchmarks/e2e.py --scan_unroll sets it.
+SCAN_UNROLL: int | bool = 1
+
+
 def forward_layers(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], caches: tuple[KVCache, ...],
                    x: jax.Array, pos: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """All resident layers: each segment holds consecutive layers of one weight signature, stacked
@@ -338,7 +343,8 @@ def forward_layers(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], caches:
             w = LayerWeights(*(v.entry(i) if isinstance(v, QTensor) else v[i] for v in seg))
             return block_fn(cfg, w, x, cache, pos, inv_freq, layer=i), None
         n = cache.k.shape[0]
-        (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(n, dtype=jnp.int32))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(n, dtype=jnp.int32),
+                                     unroll=SCAN_UNROLL)
         new_caches.append(cache)
     return x, tuple(new_caches)
 
