@@ -34,6 +34,10 @@ from ntransformer_jax.tokenizer import Tokenizer, decode_stream
 
 DEFAULT_CTX = 4096
 MIN_PREFILL_BUCKET = 16
+# Bytes of one stacked weight array at most: the Pallas Triton kernels address their operands
+# with 32-bit offsets (a 70B model's stacked feed-forward weights are 9 GB), so longer runs of
+# resident layers are split into several scanned segments.
+MAX_STACK_BYTES = (1 << 31) - 1
 MAX_PREFILL_CHUNK = 512
 
 _FLOAT_DTYPES = {
@@ -257,7 +261,8 @@ class Engine:
         # Consecutive layers with the same weight signature (types and shapes) form a segment,
         # stacked on a leading axis and run by one lax.scan: one dispatch for all layers. Each
         # segment is filled layer by layer into one preallocated host stack (repacked on the
-        # way), so host memory peaks at one segment, not two (a 70B model is 40 GB).
+        # way), so host memory peaks at one segment, not two (a 70B model is 40 GB); segments
+        # stay under MAX_STACK_BYTES per array.
         signature = lambda w: (jax.tree_util.tree_structure(w),
                                tuple((np.shape(x), np.asarray(x).dtype)
                                      for x in jax.tree_util.tree_leaves(w)))
@@ -267,19 +272,24 @@ class Engine:
         total, done = sum(layer_bytes), 0
         segments, sizes = [], []
         for start, end in zip(bounds, bounds[1:]):
-            stack = None
-            for i in range(start, end):
+            i = start
+            while i < end:        # one chunk of the run per stack that the kernels can address
                 leaves, tree = jax.tree_util.tree_flatten(self._host_layer(i, pack=True))
-                if stack is None:
-                    stack = [np.empty((end - start, *np.shape(a)), np.asarray(a).dtype) for a in leaves]
-                for dst, a in zip(stack, leaves):
-                    dst[i - start] = a
-                done += layer_bytes[i]
-                if self._progress:
-                    self._progress(done, total)
-            segments.append(jax.device_put(jax.tree_util.tree_unflatten(tree, stack), self.device))
-            sizes.append(end - start)
-            del stack
+                biggest = max(np.asarray(a).nbytes for a in leaves)
+                n = max(1, min(end - i, MAX_STACK_BYTES // max(biggest, 1)))
+                stack = [np.empty((n, *np.shape(a)), np.asarray(a).dtype) for a in leaves]
+                for j in range(i, i + n):
+                    if j > i:
+                        leaves = jax.tree_util.tree_leaves(self._host_layer(j, pack=True))
+                    for dst, a in zip(stack, leaves):
+                        dst[j - i] = a
+                    done += layer_bytes[j]
+                    if self._progress:
+                        self._progress(done, total)
+                segments.append(jax.device_put(jax.tree_util.tree_unflatten(tree, stack), self.device))
+                sizes.append(n)
+                del stack, leaves
+                i += n
         self.segments = tuple(segments)
         self.segment_sizes = tuple(sizes)
 

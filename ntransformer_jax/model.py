@@ -37,6 +37,9 @@ class QTensor:
     float32 products) or "bf16" (tensor cores; float32 accumulation). `qtype`, `n_cols`,
     `kernel` and `matmul` are static (part of the pytree structure).
 
+    `splits`, when set, says the rows are several matrices stacked by rows (q, k and v; gate and
+    up), with these row counts: one kernel launch serves them all (see `fuse_rows`).
+
     `index`, when set (an int32 scalar), says the arrays hold a stack of matrices on a leading
     axis and this tensor is entry `index` of it: the fused kernel then reads that entry in place
     (a `lax.scan` over stacked layers would otherwise copy every layer's slice before the
@@ -44,24 +47,26 @@ class QTensor:
     """
 
     def __init__(self, data, qtype: gguf.GGMLQuantizationType, n_cols: int,
-                 kernel: str | None = None, matmul: str = "f32", index=None):
+                 kernel: str | None = None, matmul: str = "f32", index=None,
+                 splits: tuple[int, ...] | None = None):
         self.data = tuple(data) if kernel else data
         self.qtype = gguf.GGMLQuantizationType(qtype)
         self.n_cols = int(n_cols)
         self.kernel = kernel
         self.matmul = matmul
         self.index = index
+        self.splits = splits
 
     def tree_flatten(self):
         indexed = self.index is not None
         return (self.arrays + ((self.index,) if indexed else ()),
-                (self.qtype, self.n_cols, self.kernel, self.matmul, indexed))
+                (self.qtype, self.n_cols, self.kernel, self.matmul, indexed, self.splits))
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        qtype, n_cols, kernel, matmul, indexed = aux
+        qtype, n_cols, kernel, matmul, indexed, splits = aux
         arrays, index = (children[:-1], children[-1]) if indexed else (children, None)
-        return cls(arrays if kernel else arrays[0], qtype, n_cols, kernel, matmul, index)
+        return cls(arrays if kernel else arrays[0], qtype, n_cols, kernel, matmul, index, splits)
 
     @property
     def arrays(self) -> tuple:
@@ -77,7 +82,8 @@ class QTensor:
 
     def entry(self, index) -> QTensor:
         """Entry `index` of a stack of matrices, read in place by the kernel (see `index`)."""
-        return QTensor(self.data, self.qtype, self.n_cols, self.kernel, self.matmul, index)
+        return QTensor(self.data, self.qtype, self.n_cols, self.kernel, self.matmul, index,
+                       self.splits)
 
     def with_arrays(self, fn) -> QTensor:
         """The same matrix with `fn` applied to each of its arrays (row gathers, chunking);
@@ -90,7 +96,7 @@ class QTensor:
 
     def with_arrays_unindexed(self, fn) -> QTensor:
         return QTensor(tuple(map(fn, self.arrays)) if self.kernel else fn(self.data),
-                       self.qtype, self.n_cols, self.kernel, self.matmul)
+                       self.qtype, self.n_cols, self.kernel, self.matmul, splits=self.splits)
 
     def dequantize(self) -> jax.Array:
         """float32 [rows, cols]."""
@@ -132,23 +138,54 @@ def _repack_jit(data, qtype, n_cols):
     return qmatvec.repack(data, qtype, n_cols)
 
 
+def fuse_rows(ws: list[QTensor]) -> QTensor | None:
+    """One packed matrix holding `ws` stacked by rows (their `splits`), or None where they
+    differ in type, K or mode, or are not packed. Host (numpy) or device arrays."""
+    if not all(w.kernel for w in ws) or len({(w.qtype, w.n_cols, w.kernel, w.matmul, w.index)
+                                              for w in ws}) != 1:
+        return None
+    if not qmatvec.supports(ws[0].qtype, sum(w.shape[0] for w in ws), ws[0].n_cols):
+        return None
+    cat = np.concatenate if isinstance(ws[0].data[0], np.ndarray) else jnp.concatenate
+    arrays = tuple(cat(parts, axis=0) for parts in zip(*(w.data for w in ws)))
+    w = ws[0]
+    return QTensor(arrays, w.qtype, w.n_cols, w.kernel, w.matmul,
+                   splits=tuple(v.shape[0] for v in ws))
+
+
 def pack_layer(w: "LayerWeights", kernel: str, matmul: str = "f32") -> "LayerWeights":
-    """Every matrix of a layer through `pack` (norm vectors stay as they are)."""
-    return w._replace(**{k: pack(v, kernel, matmul) for k, v in w._asdict().items()
-                         if isinstance(v, QTensor)})
+    """Every matrix of a layer through `pack` (norm vectors stay as they are); with the kernel,
+    q/k/v and gate/up become one matrix each where their types agree (`fuse_rows`): fewer,
+    larger launches per token. The fused matrix sits in `attn_q` / `ffn_gate`; `attn_k`,
+    `attn_v` / `ffn_up` are then None."""
+    w = w._replace(**{k: pack(v, kernel, matmul) for k, v in w._asdict().items()
+                      if isinstance(v, QTensor)})
+    qkv = fuse_rows([w.attn_q, w.attn_k, w.attn_v])
+    if qkv is not None:
+        w = w._replace(attn_q=qkv, attn_k=None, attn_v=None)
+    gate_up = fuse_rows([w.ffn_gate, w.ffn_up])
+    if gate_up is not None:
+        w = w._replace(ffn_gate=gate_up, ffn_up=None)
+    return w
+
+
+def _linear_split(x: jax.Array, w: QTensor) -> list[jax.Array]:
+    """`linear` through a row-fused matrix, split back into its parts."""
+    y = linear(x, w)
+    return jnp.split(y, np.cumsum(w.splits)[:-1].tolist(), axis=-1)
 
 
 class LayerWeights(NamedTuple):
     """One transformer block's weights (shapes as [out, in], numpy order)."""
 
     attn_norm: jax.Array   # [D] f32
-    attn_q: QTensor        # [N*H, D]
-    attn_k: QTensor        # [K*H, D]
-    attn_v: QTensor        # [K*H, D]
+    attn_q: QTensor        # [N*H, D] (or q, k, v fused by rows: see pack_layer)
+    attn_k: QTensor | None  # [K*H, D]
+    attn_v: QTensor | None  # [K*H, D]
     attn_output: QTensor   # [D, N*H]
     ffn_norm: jax.Array    # [D] f32
-    ffn_gate: QTensor      # [F, D]
-    ffn_up: QTensor        # [F, D]
+    ffn_gate: QTensor      # [F, D] (or gate and up fused by rows)
+    ffn_up: QTensor | None  # [F, D]
     ffn_down: QTensor      # [D, F]
 
 
@@ -297,9 +334,13 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
 
     # Attention: norm, project, rotate, write the cache, attend, project back.
     h = rms_norm(x, w.attn_norm, cfg.rms_eps)
-    q = linear(h, w.attn_q).reshape(b, t, cfg.n_head, cfg.head_dim)
-    k = linear(h, w.attn_k).reshape(b, t, cfg.n_kv_head, cfg.head_dim)
-    v = linear(h, w.attn_v).reshape(b, t, cfg.n_kv_head, cfg.head_dim)
+    if w.attn_k is None:         # q, k and v fused by rows (see pack_layer)
+        q, k, v = _linear_split(h, w.attn_q)
+    else:
+        q, k, v = linear(h, w.attn_q), linear(h, w.attn_k), linear(h, w.attn_v)
+    q = q.reshape(b, t, cfg.n_head, cfg.head_dim)
+    k = k.reshape(b, t, cfg.n_kv_head, cfg.head_dim)
+    v = v.reshape(b, t, cfg.n_kv_head, cfg.head_dim)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     if layer is None:
@@ -317,7 +358,11 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
 
     # Feed-forward: SwiGLU.
     h = rms_norm(x, w.ffn_norm, cfg.rms_eps)
-    ff = jax.nn.silu(linear(h, w.ffn_gate)) * linear(h, w.ffn_up)
+    if w.ffn_up is None:         # gate and up fused by rows
+        gate, up = _linear_split(h, w.ffn_gate)
+    else:
+        gate, up = linear(h, w.ffn_gate), linear(h, w.ffn_up)
+    ff = jax.nn.silu(gate) * up
     x = x + linear(ff, w.ffn_down)
     return x, cache
 
@@ -340,7 +385,8 @@ def forward_layers(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], caches:
     for seg, cache in zip(segments, caches):
         def body(carry, i, seg=seg):
             x, cache = carry
-            w = LayerWeights(*(v.entry(i) if isinstance(v, QTensor) else v[i] for v in seg))
+            w = LayerWeights(*(v.entry(i) if isinstance(v, QTensor) else
+                               None if v is None else v[i] for v in seg))
             return block_fn(cfg, w, x, cache, pos, inv_freq, layer=i), None
         n = cache.k.shape[0]
         (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(n, dtype=jnp.int32),

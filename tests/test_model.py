@@ -132,3 +132,16 @@ def test_bf16_prefill_stays_close(tiny_quantized):
     assert rel > 1e-5, "bf16 prefill looks like float32: was matmul ignored?"
     fresh = nt.load(path, ctx_size=64, matmul="bf16")   # (the first engine's cache holds bf16 KV)
     _check(fresh.logits(ids[:8]), ref[:8], max_rel=1e-4, min_top1=1.0)
+
+
+def test_segments_split_under_the_stack_limit(tiny_quantized, monkeypatch):
+    """Resident layers are stacked in chunks no array of which passes MAX_STACK_BYTES (the
+    kernels' 32-bit offsets); the chunked model gives the same logits."""
+    from ntransformer_jax import engine as engine_mod
+    path = tiny_quantized("Q8_0")
+    ids = np.random.default_rng().integers(0, 500, 12)
+    whole = nt.load(path, ctx_size=32)
+    monkeypatch.setattr(engine_mod, "MAX_STACK_BYTES", 1)
+    split = nt.load(path, ctx_size=32)
+    assert len(whole.segments) == 1 and split.segment_sizes == (1,) * split.config.n_layers
+    np.testing.assert_array_equal(split.logits(ids), whole.logits(ids))
