@@ -170,9 +170,14 @@ def pack_layer(w: "LayerWeights", kernel: str, matmul: str = "f32") -> "LayerWei
 
 
 def _linear_split(x: jax.Array, w: QTensor) -> list[jax.Array]:
-    """`linear` through a row-fused matrix, split back into its parts."""
-    y = linear(x, w)
-    return jnp.split(y, np.cumsum(w.splits)[:-1].tolist(), axis=-1)
+    """`linear` through a row-fused matrix, split back into its parts. Decode rows take one
+    kernel launch for all parts; longer passes multiply each part on its own (its rows
+    sliced out of the packed arrays), which keeps each dequantized matrix as small as before."""
+    edges = np.cumsum((0, *w.splits)).tolist()
+    if w.kernel and int(np.prod(x.shape[:-1])) <= qmatvec.MAX_ROWS:
+        return jnp.split(linear(x, w), edges[1:-1], axis=-1)
+    return [linear(x, w.with_arrays(lambda a, s=s, e=e: a[s:e]))
+            for s, e in zip(edges, edges[1:])]
 
 
 class LayerWeights(NamedTuple):
