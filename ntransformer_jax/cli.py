@@ -235,7 +235,8 @@ def _inspect(path: str) -> None:
     report = inspect_model.inspect(
         path, ctx_size=FLAGS.ctx_size or None, ceilings=ceilings, vram_budget_gb=FLAGS.vram_budget_gb,
         ram_budget_gb=FLAGS.ram_budget_gb, max_vram_layers=FLAGS.max_vram_layers,
-        max_ram_layers=FLAGS.max_ram_layers, streaming=FLAGS.streaming, prefetch_depth=FLAGS.prefetch_depth)
+        max_ram_layers=FLAGS.max_ram_layers, streaming=FLAGS.streaming, prefetch_depth=FLAGS.prefetch_depth,
+        kernels=FLAGS.kernels)
     print(json.dumps(report, indent=None) if FLAGS.json else inspect_model.format_report(report))
 
 

@@ -202,7 +202,7 @@ class Engine:
     def _load_weights(self) -> None:
         f, cfg, opts = self.model_file, self.config, self.tier_options
         self.plan = plan_for(f, self.ctx_size, opts, free_device_memory(self.device), available_ram(),
-                             prefill_chunk=MAX_PREFILL_CHUNK)
+                             prefill_chunk=MAX_PREFILL_CHUNK, packed=self.kernels != "off")
         layer_bytes = list(self.plan.layer_bytes)
         spans = [layer_span(f, i) for i in range(cfg.n_layers)]
         staging = staging_bytes(spans)

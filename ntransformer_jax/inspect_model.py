@@ -121,7 +121,7 @@ def report(f: ModelFile, plan: Plan, *, ctx_size: int, options: TierOptions,
 
 def inspect(path: str | os.PathLike[str], *, ctx_size: int | None = None,
             ceilings: Ceilings = Ceilings(), free_vram: int | None = None,
-            avail_ram: int | None = None, **tier_options) -> dict:
+            avail_ram: int | None = None, kernels: str = "auto", **tier_options) -> dict:
     """Open `path`, plan its placement as `ntransformer_jax.load` would, and report.
 
     Args:
@@ -130,6 +130,8 @@ def inspect(path: str | os.PathLike[str], *, ctx_size: int | None = None,
       ceilings: bandwidths for the token-time bound.
       free_vram / avail_ram: free device memory and available RAM in bytes. Default: measured,
         device memory only when no vram_budget_gb is given (it starts the JAX backend).
+      kernels: as for `load`: "auto" (on where JAX's default backend is a GPU), "on", "off";
+        with the kernels, matrices are planned at their repacked size.
       **tier_options: as for `load` (vram_budget_gb, max_vram_layers, streaming, ...).
     Returns:
       The report dict (see `report`).
@@ -153,8 +155,15 @@ def inspect(path: str | os.PathLike[str], *, ctx_size: int | None = None,
             free_vram = free_device_memory(jax.devices()[0])
         if avail_ram is None and options.ram_budget_gb is None:
             avail_ram = available_ram()
+        if kernels not in ("auto", "on", "off"):
+            raise InputError(f"kernels={kernels!r} must be one of auto, on, off")
+        if kernels == "auto":
+            import jax
+            packed = jax.default_backend() == "gpu"
+        else:
+            packed = kernels == "on"
         plan = plan_for(f, ctx_size, options, free_vram, avail_ram,
-                        prefill_chunk=engine.MAX_PREFILL_CHUNK)
+                        prefill_chunk=engine.MAX_PREFILL_CHUNK, packed=packed)
         return report(f, plan, ctx_size=ctx_size, options=options, ceilings=ceilings)
     finally:
         f.close()

@@ -9,15 +9,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
+
 from ntransformer_jax import model as M
-from ntransformer_jax.model_file import LAYER_TENSORS, ModelFile
+from ntransformer_jax.kernels import qmatvec
+from ntransformer_jax.model_file import LAYER_TENSORS, ModelFile, TensorInfo
 from ntransformer_jax.tiers import ALIGN, Plan, TierOptions, plan_placement
 
 
+def tensor_nbytes(info: TensorInfo, packed: bool = False) -> int:
+    """Bytes of a tensor as the engine holds it: as stored in the file, or, with `packed` (the
+    decode kernels on), in `qmatvec.repack`'s layout where the kernel takes the matrix (K-quants
+    grow 1-3%)."""
+    if packed and len(info.shape) >= 2:
+        rows, cols = int(np.prod(info.shape[:-1])), int(info.shape[-1])
+        if qmatvec.supports(info.qtype, rows, cols):
+            return qmatvec.packed_nbytes(info.qtype, rows, cols)
+    return info.n_bytes
 
-def layer_nbytes(f: ModelFile, i: int) -> int:
-    """Bytes of layer i's weights as stored in the file."""
-    return sum(f.layer_tensor(i, s).n_bytes for s in LAYER_TENSORS)
+
+def layer_nbytes(f: ModelFile, i: int, packed: bool = False) -> int:
+    """Bytes of layer i's weights (see `tensor_nbytes`)."""
+    return sum(tensor_nbytes(f.layer_tensor(i, s), packed) for s in LAYER_TENSORS)
 
 
 def layer_span(f: ModelFile, i: int) -> tuple[int, int]:
@@ -34,13 +47,15 @@ def staging_bytes(spans: Sequence[tuple[int, int]]) -> int:
     return max(length for _, length in spans) + 2 * ALIGN
 
 
-def device_working_set(f: ModelFile, ctx_size: int, prefill_chunk: int) -> dict:
+def device_working_set(f: ModelFile, ctx_size: int, prefill_chunk: int,
+                       packed: bool = False) -> dict:
     """Device bytes needed besides the layers: KV cache, globals, compute workspace."""
     cfg = f.config
     cache = 2 * cfg.n_layers * ctx_size * cfg.kv_dim * 4
-    glob = f.tensor("token_embd.weight").n_bytes + f.tensor("output_norm.weight").n_bytes
+    glob = (tensor_nbytes(f.tensor("token_embd.weight"), packed)
+            + f.tensor("output_norm.weight").n_bytes)
     if not cfg.tied_output:
-        glob += f.tensor("output.weight").n_bytes
+        glob += tensor_nbytes(f.tensor("output.weight"), packed)
     # The XLA path dequantizes a matrix (or a row chunk of a big one) to float32 before its
     # matmul: room for two of those, plus prefill activations and logits of one chunk.
     biggest = min(max(cfg.n_ff * cfg.n_embd, cfg.n_vocab * cfg.n_embd), M.LINEAR_CHUNK_ELEMS)
@@ -50,7 +65,7 @@ def device_working_set(f: ModelFile, ctx_size: int, prefill_chunk: int) -> dict:
 
 
 def plan_for(f: ModelFile, ctx_size: int, options: TierOptions, free_vram: int | None,
-             avail_ram: int | None, *, prefill_chunk: int) -> Plan:
+             avail_ram: int | None, *, prefill_chunk: int, packed: bool = False) -> Plan:
     """Where the engine puts each layer of `f`, and what the budgets must hold.
 
     Args:
@@ -59,6 +74,7 @@ def plan_for(f: ModelFile, ctx_size: int, options: TierOptions, free_vram: int |
       options: budgets, caps and streaming mode.
       free_vram / avail_ram: measured free device memory and available RAM (None: unlimited).
       prefill_chunk: the engine's largest prefill chunk (sizes the activation workspace).
+      packed: the decode kernels are on: matrices take `qmatvec.repack`'s size.
     Returns:
       The `Plan`; with streaming="mmap" every non-resident layer is "disk" and no host memory is
       planned (the naive baseline reads the memory map on use).
@@ -66,9 +82,9 @@ def plan_for(f: ModelFile, ctx_size: int, options: TierOptions, free_vram: int |
       InputError: the working set does not fit the budgets.
     """
     n = f.config.n_layers
-    layer_bytes = [layer_nbytes(f, i) for i in range(n)]
+    layer_bytes = [layer_nbytes(f, i, packed) for i in range(n)]
     staging = staging_bytes([layer_span(f, i) for i in range(n)])
-    plan = plan_placement(layer_bytes, device_working_set(f, ctx_size, prefill_chunk), staging,
+    plan = plan_placement(layer_bytes, device_working_set(f, ctx_size, prefill_chunk, packed), staging,
                           options, free_vram, avail_ram, slot_bytes=max(layer_bytes))
     if options.streaming == "mmap":
         plan = dataclasses.replace(

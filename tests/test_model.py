@@ -148,3 +148,14 @@ def test_segments_split_under_the_stack_limit(tiny_quantized, monkeypatch):
     split = nt.load(path, ctx_size=32)
     assert len(whole.segments) == 1 and split.segment_sizes == (1,) * split.config.n_layers
     np.testing.assert_array_equal(split.logits(ids), whole.logits(ids))
+
+
+@pytest.mark.parametrize("ftype", ("Q4_K_M", "Q6_K"))
+def test_plan_counts_repacked_bytes(ftype, tiny_quantized):
+    """With the kernels on, placement plans each layer at its repacked size (K-quants grow),
+    and that is what the engine holds."""
+    import jax
+    path = tiny_quantized(ftype)
+    on, off = nt.load(path, ctx_size=32, kernels="interpret"), nt.load(path, ctx_size=32)
+    held = sum(a.nbytes for a in jax.tree_util.tree_leaves(on.segments))
+    assert sum(on.plan.layer_bytes) == held > sum(off.plan.layer_bytes)

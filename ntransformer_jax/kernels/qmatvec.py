@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import gguf
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -488,6 +489,13 @@ def packed_shapes(qtype: gguf.GGMLQuantizationType, n_rows: int,
     qtype = T(qtype)
     w = jax.ShapeDtypeStruct((n_rows, quants.row_bytes(qtype, n_cols)), jnp.uint8)
     return list(jax.eval_shape(lambda w: repack(w, qtype, n_cols), w))
+
+
+@functools.lru_cache(maxsize=None)
+def packed_nbytes(qtype: gguf.GGMLQuantizationType, n_rows: int, n_cols: int) -> int:
+    """Bytes `repack` makes of an [n_rows, n_cols] matrix (the table in the module docstring)."""
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize
+               for s in packed_shapes(qtype, n_rows, n_cols))
 
 
 def dequantize_packed(packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizationType,
