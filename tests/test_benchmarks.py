@@ -96,3 +96,23 @@ def test_layer_jit_builds_what_block_expects():
     assert w.ffn_down.shape == (shape.n_embd, shape.n_ff)
     assert w.attn_norm.shape == (shape.n_embd,) and w.attn_norm.dtype == jnp.float32
     assert np.isfinite(np.asarray(w.ffn_up.dequantize())).all()
+
+
+def test_profile_decode_summarizes_a_trace(tmp_path):
+    """The trace reader on a real (CPU) profile: XLA ops of the host process are found, summed
+    per token, and grouped; GPU runs read the device processes instead."""
+    import jax
+    import profile_decode
+    f = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((128, 128))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        for _ in range(4):
+            f(x).block_until_ready()
+    [trace] = list(tmp_path.rglob("perfetto_trace.json.gz"))
+    res = profile_decode.summarize(str(trace), tokens=4, top=5, procs="host")
+    assert res["kernels_per_token"] > 0 and res["device_busy_us_per_token"] > 0
+    assert res["top"] and sum(res["groups_us_per_token"].values()) == pytest.approx(
+        res["kernel_us_per_token"])
+    assert profile_decode.summarize(str(trace), 4, 5)["kernels_per_token"] == 0  # no GPU here
+    assert profile_decode.kernel_group("qmatvec") == "decode kernel (qmatvec)"
