@@ -5,13 +5,14 @@ has the table). The grid is (M / block_m, N / block_n), M fastest, so the progra
 time share a weight tile and fetch it from L2. Each program walks K in chunks of `block_k`
 columns; per chunk it loads the packed weight tiles `[block_n, blocks, ...]`, turns them into
 floats in registers with `qmatvec`'s unpack step, applies each sub-block's scale and offset
-(value = scale * q - offset, the values of `quants.dequantize`), casts to the compute dtype and
-adds `pl.dot(x_tile, w_tile.T)` to a float32 accumulator. The float matrix never exists in memory.
+(value = scale * q - offset, the values of `quants.dequantize`), casts to the compute dtype
+and adds `plgpu.dot(x_tile, w_tile.T)` to a float32 accumulator. The float matrix never exists
+in memory.
 
 Planes. A 4-bit byte holds two values that are not neighbours in K (Q4_0: element j and j + 16
 of its block; Q4_K: sub-blocks 2c and 2c + 1; Q6_K: elements i and 64 + i of a half). Each kernel
 step therefore dequantizes a "low" and a "high" plane into tiles `[block_n, block_k / 2]` and does
-one `pl.dot` per plane; the wrapper permutes the columns of x into the same two planes (a copy of
+one `plgpu.dot` per plane; the wrapper permutes the columns of x into the same two planes (a copy of
 x, which is small next to W). Q8_0 has one plane.
 
 Exactness. `qmatvec`'s high-nibble values come out as 16 q; the 1/16 is folded into the
@@ -21,11 +22,11 @@ quant is exact in float32 except Q6_K's last multiply, which is done in `quants`
 `quants.dequantize` bit for bit, with or without fused multiply-adds. The only other roundings
 are the cast to bfloat16 (when `dtype` is bfloat16) and the float32 accumulation.
 
-Triton notes: every tile dimension is a power of two; the unit axes of a tile are merged by one
-reshape per plane (`[block_n, blocks, ..., 16|32|64]` -> `[block_n, block_k / planes]`);
-`pl.dot` takes bf16 (tensor cores, f32 accumulation) or f32 at HIGHEST precision (IEEE, no TF32).
-`pl.dot` needs every dimension >= 16, hence block_m, block_n >= 16, and the smallest
-block_k (one packed block) gives planes of 16 or more columns.
+Triton notes: every tile dimension is a power of two; the trailing axes of each dequantized
+plane are merged by one reshape (`[block_n, blocks, ..., 16|32|64]` -> `[block_n, block_k /
+planes]`); `plgpu.dot` (Triton's `tl.dot`) takes bf16 (tensor cores, f32 accumulation) or f32
+at HIGHEST precision (IEEE, no TF32). It needs every dimension >= 16, hence block_m, block_n >=
+16; the smallest block_k (one packed block) gives planes of 16 or more columns.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from ntransformer_jax.kernels import qmatvec as qm
 T = gguf.GGMLQuantizationType
 HIGHEST = lax.Precision.HIGHEST
 
-MIN_BLOCK = 16  # pl.dot's smallest M and N tile
+MIN_BLOCK = 16  # plgpu.dot's smallest M and N tile
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
@@ -98,7 +99,7 @@ class BlockSizes:
 # ---------------------------------------------------------------------------------------------
 
 class _Planes(NamedTuple):
-    """How one type's values split into the planes that each get a `pl.dot`.
+    """How one type's values split into the planes that each get a `plgpu.dot`.
 
     x: x `[M, nb, block]` -> planes `[M, nb, ...]` (a permutation of each block's columns).
     w: `qmatvec`'s unpacked tiles `[block_n, blocks, ...]` -> dequantized planes
@@ -226,7 +227,7 @@ def _qmatmul_kernel(*refs, fmt: qm._Format, planes: _Planes, n_weights: int, blo
         for x_ref, w in zip(x_refs, w_planes, strict=True):
             w = w.reshape(w.shape[0], width).astype(dtype)  # [block_n, width]
             x = x_ref[:, pl.ds(col, width)]                  # [block_m, width]
-            acc += pl.dot(x, w, trans_b=True, precision=precision)
+            acc += plgpu.dot(x, w, trans_b=True, precision=precision)
         return acc
 
     o_ref[...] = lax.fori_loop(0, n_chunks, step, jnp.zeros(o_ref.shape, jnp.float32))
@@ -245,6 +246,13 @@ class Plan(NamedTuple):
     n_chunks: int          # K / block_k
 
 
+def _check_n_cols(qtype: gguf.GGMLQuantizationType, n_cols: int) -> None:
+    block_size, _ = quants.block_geometry(qtype)
+    if n_cols <= 0 or n_cols % block_size:
+        raise InputError(f"{n_cols=} must be a positive multiple of {block_size}"
+                         f" (the {qtype.name} block size)")
+
+
 def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int,
          block_sizes: BlockSizes | None = None) -> Plan:
     """Validate a launch of `m_rows` x rows against an [n_rows, n_cols] weight; no arrays needed.
@@ -256,10 +264,7 @@ def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int
     qtype = T(qtype)
     if m_rows < 1:
         raise InputError(f"x has {m_rows=} rows; qmatmul needs at least 1")
-    block_size, _ = quants.block_geometry(qtype)
-    if n_cols <= 0 or n_cols % block_size:
-        raise InputError(f"{n_cols=} must be a positive multiple of {block_size}"
-                         f" (the {qtype.name} block size)")
+    _check_n_cols(qtype, n_cols)
     if n_rows <= 0:
         raise InputError(f"{n_rows=} must be positive")
     bs = block_sizes or BlockSizes.get_default(qtype, m_rows, n_rows, n_cols)
@@ -351,7 +356,7 @@ def qmatmul_packed(x: jax.Array, packed: tuple[jax.Array, ...],
         qtype: the GGML type (static), one of SUPPORTED_TYPES.
         n_cols: K (static).
         block_sizes: tiling; `BlockSizes.get_default(qtype, M, N, K)` when None.
-        dtype: the `pl.dot` inputs (static): bfloat16 (tensor cores; x and the dequantized W
+        dtype: the `plgpu.dot` inputs (static): bfloat16 (tensor cores; x and the dequantized W
             rounded to bfloat16) or float32 (IEEE float32 products).
         interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
         layer: int32 scalar, which of the stacked matrices to use (read inside the kernel, so
@@ -370,6 +375,7 @@ def qmatmul_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     if dtype not in DTYPES:
         raise InputError(f"dtype={dtype.name} must be bfloat16 or float32")
     qm._check_x(x, n_cols)
+    _check_n_cols(qtype, n_cols)
     n_rows = _check_packed(packed, qtype, n_cols, layer is not None)
     p = plan(qtype, x.shape[0], n_rows, n_cols, block_sizes)
     if layer is not None:
