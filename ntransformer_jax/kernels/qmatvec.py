@@ -400,7 +400,9 @@ _FORMATS: dict[gguf.GGMLQuantizationType, _Format] = {
 SUPPORTED_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(_FORMATS)
 
 # Per-type tiles: the fastest of a sweep (block_n 16/32/64 x block_k 256/512/1024 x 4/8 warps,
-# 3 stages) on the 28672 x 8192 matrix, M = 1, H200, 2026-11-27 (benchmarks/RESULTS.md).
+# 3 stages) on the 28672 x 8192 matrix, M = 1, H200, 2026-11-27 (benchmarks/RESULTS.md). That
+# sweep timed blocked calls (host round trip included), so the choice is provisional: re-tune
+# with benchmarks/kernels_bench.py, which times calls back to back.
 TUNED: dict[gguf.GGMLQuantizationType, BlockSizes] = {
     T.Q8_0: BlockSizes(block_n=16, block_k=512, num_warps=4),
     T.Q4_0: BlockSizes(block_n=32, block_k=512, num_warps=8),
