@@ -87,21 +87,21 @@ class QTensor:
 
     def with_arrays(self, fn) -> QTensor:
         """The same matrix with `fn` applied to each of its arrays (row gathers, chunking);
-        a stack entry is sliced out first."""
+        an entry of a stack is taken out of it first (the result has no `index`)."""
         if self.index is not None:
-            i = self.index
-            return self.with_arrays_unindexed(lambda a: fn(jax.lax.dynamic_index_in_dim(
-                a, i, 0, keepdims=False)))
-        return self.with_arrays_unindexed(fn)
-
-    def with_arrays_unindexed(self, fn) -> QTensor:
+            take = lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False)
+            fn = lambda a, fn=fn: fn(take(a))
         return QTensor(tuple(map(fn, self.arrays)) if self.kernel else fn(self.data),
                        self.qtype, self.n_cols, self.kernel, self.matmul, splits=self.splits)
+
+    def unstacked(self) -> QTensor:
+        """This matrix's own arrays (an entry of a stack sliced out; others unchanged)."""
+        return self if self.index is None else self.with_arrays(lambda a: a)
 
     def dequantize(self) -> jax.Array:
         """float32 [rows, cols]."""
         if self.index is not None:
-            return self.with_arrays(lambda a: a).dequantize()
+            return self.unstacked().dequantize()
         if self.kernel:
             return qmatvec.dequantize_packed(self.data, self.qtype, self.n_cols)
         return quants.dequantize(self.data, self.qtype, self.n_cols)
@@ -257,8 +257,7 @@ def linear(x: jax.Array, w: QTensor) -> jax.Array:
         y = qmatvec.qmatvec_packed(x.reshape(m, cols), w.data, w.qtype, cols,
                                    interpret=w.kernel == "interpret", layer=w.index)
         return y.reshape(*lead, rows)
-    if w.index is not None:
-        w = w.with_arrays(lambda a: a)
+    w = w.unstacked()
     if w.matmul == "bf16" and m > qmatvec.MAX_ROWS:
         x = x.astype(jnp.bfloat16)
         mm = lambda p: jnp.einsum("...i,oi->...o", x, p.dequantize().astype(jnp.bfloat16),
