@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import functools
 import os
 import secrets
@@ -156,6 +157,8 @@ class Engine:
         self.device = device or jax.devices()[0]
         self.tier_options = tier_options or TierOptions()
         self.kernels = _kernel_mode(kernels, self.device)
+        if self.kernels != "off":
+            self._check_kernels(explicit=kernels != "auto")
         if matmul not in M.MATMUL_TYPES:
             raise InputError(f"matmul={matmul!r} must be one of {', '.join(M.MATMUL_TYPES)}")
         self.matmul = matmul
@@ -194,6 +197,23 @@ class Engine:
                                         _to_host_array(self.model_file.layer_tensor(i, short)))
                                 for short in LAYER_TENSORS})
         return M.pack_layer(w, self.kernels if pack else "off", self.matmul)
+
+    def _check_kernels(self, explicit: bool) -> None:
+        """Run each kernel type the model needs once on a small matrix; if one fails, use XLA
+        (with a warning) under kernels="auto", or fail with the reason when they were asked for."""
+        f = self.model_file
+        infos = [f.layer_tensor(i, s) for i in range(self.config.n_layers) for s in LAYER_TENSORS]
+        infos += [f.tensors[n] for n in ("token_embd.weight", "output.weight") if n in f.tensors]
+        types = sorted({int(t.qtype) for t in infos if t.qtype in qmatvec.SUPPORTED_TYPES})
+        try:
+            for t in types:
+                qmatvec.self_test(gguf.GGMLQuantizationType(t), interpret=self.kernels == "interpret")
+        except Exception as e:   # noqa: BLE001 -- any compile or runtime failure means "no kernels"
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if explicit:
+                raise NTransformerError(f"the decode kernels do not run here ({reason})") from e
+            logging.warning("decode kernels unavailable (%s); using XLA", reason)
+            self.kernels = "off"
 
     def _staged_layer(self, i: int, span_start: int, buf: np.ndarray) -> M.LayerWeights:
         return M.pack_layer(_layer_from_staging(self.model_file, i, span_start, buf), "off",

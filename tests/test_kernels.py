@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntransformer_jax.errors import InputError
+from ntransformer_jax.errors import InputError, NTransformerError
 from ntransformer_jax.kernels import qmatvec as qm
 
 T = gguf.GGMLQuantizationType
@@ -277,3 +277,12 @@ def test_stacked_layer_index(seed, qtype):
         block_sizes=qm.BlockSizes(block_n=16, block_k=256, split_k=2)))
     for i in (2, 0, 1):
         check_close(f(x, stack, jnp.int32(i)), x, ws[i], qtype, f"layer {i}, seed={seed}")
+
+
+def test_self_test_passes_and_catches_a_wrong_result(monkeypatch):
+    for qtype in TYPES:
+        qm.self_test.__wrapped__(qtype, interpret=INTERPRET)
+    monkeypatch.setattr(qm, "qmatvec_packed", lambda x, packed, qtype, n_cols, **kw:
+                        jnp.zeros((x.shape[0], packed[0].shape[0]), jnp.float32))
+    with pytest.raises(NTransformerError, match="self-test for Q4_0: relative error"):
+        qm.self_test.__wrapped__(T.Q4_0, interpret=INTERPRET)

@@ -159,3 +159,21 @@ def test_plan_counts_repacked_bytes(ftype, tiny_quantized):
     on, off = nt.load(path, ctx_size=32, kernels="interpret"), nt.load(path, ctx_size=32)
     held = sum(a.nbytes for a in jax.tree_util.tree_leaves(on.segments))
     assert sum(on.plan.layer_bytes) == held > sum(off.plan.layer_bytes)
+
+
+def test_kernels_fall_back_to_xla_when_they_cannot_run(tiny_quantized, monkeypatch, caplog):
+    """A kernel that fails its load-time self-test (a GPU or Triton that cannot compile it)
+    turns kernels="auto" into XLA with a warning, and makes an explicit request fail clearly."""
+    from ntransformer_jax import engine as engine_mod
+    from ntransformer_jax.kernels import qmatvec
+    path = tiny_quantized("Q4_0")
+    qmatvec.self_test(qmatvec.T.Q4_0, interpret=True)      # the real kernel passes
+    monkeypatch.setattr(engine_mod, "_kernel_mode", lambda kernels, device: (
+        "off" if kernels == "off" else "interpret"))
+    def broken(qtype, interpret=False):
+        raise RuntimeError("triton: unsupported GPU")
+    monkeypatch.setattr(qmatvec, "self_test", broken)
+    engine = nt.load(path, ctx_size=32, kernels="auto")
+    assert engine.kernels == "off" and "unsupported GPU" in caplog.text
+    with pytest.raises(nt.NTransformerError, match="decode kernels do not run here.*unsupported GPU"):
+        nt.load(path, ctx_size=32, kernels="on")

@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ntransformer_jax import quants
-from ntransformer_jax.errors import InputError
+from ntransformer_jax.errors import InputError, NTransformerError
 
 T = gguf.GGMLQuantizationType
 HIGHEST = lax.Precision.HIGHEST
@@ -745,6 +745,30 @@ def qmatvec(x: jax.Array, w_data: jax.Array, qtype: gguf.GGMLQuantizationType, n
     plan(qtype, x.shape[0], w_data.shape[0], n_cols, block_sizes)  # fail before repacking
     return qmatvec_packed(x, repack(w_data, qtype, n_cols), qtype, n_cols,
                           block_sizes=block_sizes, interpret=interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def self_test(qtype: gguf.GGMLQuantizationType, interpret: bool = False) -> None:
+    """Compile and run the kernel once for `qtype` on a small random matrix and compare it with
+    `dequantize_packed` + a float64 product (once per process and type).
+
+    For a caller that wants to fall back to XLA where the kernel cannot run (a GPU or Triton
+    version that fails to compile it). Raises whatever compiling or running raises, or
+    NTransformerError when the result is wrong.
+    """
+    qtype = T(qtype)
+    n_rows, n_cols = 32, 512
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 256, (n_rows, quants.row_bytes(qtype, n_cols)), dtype=np.uint8)
+    packed = tuple(jnp.asarray(rng.uniform(-0.05, 0.05, a.shape).astype(np.float16))
+                   if a.dtype == jnp.float16 else a for a in repack(w, qtype, n_cols))
+    packed = _format(qtype).split(_format(qtype).join(*packed))   # finite scales, consistent
+    x = rng.standard_normal((1, n_cols)).astype(np.float32)
+    y = np.asarray(qmatvec_packed(jnp.asarray(x), packed, qtype, n_cols, interpret=interpret))
+    w64 = np.asarray(dequantize_packed(packed, qtype, n_cols), np.float64)
+    err = np.max(np.abs(y - x @ w64.T) / np.maximum(np.abs(x) @ np.abs(w64).T, 1e-30))
+    if not err <= 1e-4:
+        raise NTransformerError(f"qmatvec self-test for {qtype.name}: relative error {err:.3g}")
 
 
 def qmatvec_reference(x: jax.Array, w_data: jax.Array, qtype: gguf.GGMLQuantizationType,
