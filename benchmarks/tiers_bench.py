@@ -132,6 +132,8 @@ def main(argv):
     del argv
     if FLAGS.single:
         spec = json.loads(FLAGS.single)
+        from ntransformer_jax.tiers import limit_pinned_pool
+        limit_pinned_pool(spec.get("ram_budget_gb", FLAGS.ram_budget_gb))  # before the GPU starts
         run(spec.pop("path"), spec.pop("n_tokens"), **spec)
         return
     dev = jax.devices()[0]

@@ -284,6 +284,8 @@ def main(argv: list[str]) -> None:
         _check_chat_flags()
         from ntransformer_jax.engine import load
         from ntransformer_jax.models import default_model_path
+        from ntransformer_jax.tiers import limit_pinned_pool
+        limit_pinned_pool(FLAGS.ram_budget_gb)     # before JAX starts its GPU backend
         path = FLAGS.model or default_model_path()
         if command or FLAGS.inspect:
             _inspect(path)

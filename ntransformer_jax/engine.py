@@ -713,7 +713,10 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
       matmul: input type of the prefill matmuls (more than 8 rows): "f32" (exact float32
         products, the default) or "bf16" (tensor cores, float32 accumulation: much faster
         prompts, logits within about 1e-2).
-      **tier_options: `TierOptions` fields: vram_budget_gb, ram_budget_gb, max_vram_layers,
+      **tier_options: `TierOptions` fields (vram_budget_gb, ram_budget_gb, max_vram_layers,
+        ...). Host RSS follows ram_budget_gb only if XLA's pinned pool is capped before JAX
+        starts its GPU backend: call `tiers.limit_pinned_pool(ram_budget_gb)` first (the CLI
+        does). Fields: vram_budget_gb, ram_budget_gb, max_vram_layers,
         max_ram_layers, streaming ("pipeline" | "mmap"), prefetch_depth, reader, o_direct,
         read_threads. With none given, layers stay in device memory when they fit.
     Returns:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -136,6 +137,25 @@ def free_device_memory(device: jax.Device) -> int | None:
     if not stats or "bytes_limit" not in stats:
         return None
     return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+PINNED_POOL_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_POOL_SLACK_GB = 2
+
+
+def limit_pinned_pool(ram_budget_gb: float | None) -> str | None:
+    """Cap XLA's pinned-host pool at the RAM budget plus PINNED_POOL_SLACK_GB.
+
+    Tier B lives in `pinned_host` arrays, which XLA carves from a BFC pool that grows by
+    doubling regions up to 64 GB (its default cap); pinned pages count in RSS (RssShmem), so
+    19 GB of tier B showed as 52 GB of RSS. The cap (the environment variable PINNED_POOL_ENV,
+    in whole GB) only takes effect if it is set before JAX starts its GPU backend, so the CLI
+    and benchmarks call this first; an existing setting is left alone. Returns the value used.
+    """
+    if PINNED_POOL_ENV in os.environ or ram_budget_gb is None or ram_budget_gb <= 0:
+        return os.environ.get(PINNED_POOL_ENV)
+    os.environ[PINNED_POOL_ENV] = str(math.ceil(ram_budget_gb + PINNED_POOL_SLACK_GB))
+    return os.environ[PINNED_POOL_ENV]
 
 
 def available_ram() -> int | None:

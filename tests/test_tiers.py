@@ -148,3 +148,15 @@ def test_cli_tier_flags_and_benchmark(six_layer_path):
                         "--max_ram_layers", "2", "--benchmark"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "2 vram / 2 ram / 2 disk layers" in r.stderr and "per token:" in r.stderr
+
+
+def test_pinned_pool_is_capped_at_the_ram_budget(monkeypatch):
+    """The CLI caps XLA's pinned-host pool at the RAM budget + slack (whole GB), unless the
+    user set the variable; no budget leaves it alone."""
+    from ntransformer_jax import tiers
+    monkeypatch.delenv(tiers.PINNED_POOL_ENV, raising=False)
+    assert tiers.limit_pinned_pool(None) is None and tiers.PINNED_POOL_ENV not in os.environ
+    assert tiers.limit_pinned_pool(4.5) == str(7)          # ceil(4.5 + 2)
+    assert tiers.limit_pinned_pool(100) == "7"            # an existing setting wins
+    monkeypatch.setenv(tiers.PINNED_POOL_ENV, "300")
+    assert tiers.limit_pinned_pool(4) == "300"
