@@ -177,3 +177,19 @@ def test_kernels_fall_back_to_xla_when_they_cannot_run(tiny_quantized, monkeypat
     assert engine.kernels == "off" and "unsupported GPU" in caplog.text
     with pytest.raises(nt.NTransformerError, match="decode kernels do not run here.*unsupported GPU"):
         nt.load(path, ctx_size=32, kernels="on")
+
+
+def test_kernel_path_on_tiered_placement(tiny_quantized):
+    """Tiers A and B hold repacked matrices and the per-layer block takes the kernels; tier C
+    (disk) keeps the file's layout: logits agree with the float64 forward either way."""
+    path = tiny_quantized("Q4_K_M")
+    engine = nt.load(path, ctx_size=32, kernels="interpret", max_vram_layers=0, max_ram_layers=1)
+    assert engine.placement == ["ram", "disk"]
+    assert engine.streamer.sources[0].host_tree.attn_q.kernel == "interpret"
+    ids = np.random.default_rng().integers(0, engine.config.n_vocab, 8)
+    ref = Float64Llama(path).logits(ids)
+    _check(engine.logits(ids), ref, max_rel=1e-4, min_top1=1.0)
+    greedy = SamplingParams(temperature=0.0)
+    plain = nt.load(path, ctx_size=32)
+    assert (list(engine.generate_tokens([int(i) for i in ids[:3]], max_new_tokens=3, params=greedy))
+            == list(plain.generate_tokens([int(i) for i in ids[:3]], max_new_tokens=3, params=greedy)))
