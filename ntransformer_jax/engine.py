@@ -685,7 +685,10 @@ def _kernel_mode(kernels: str, device: jax.Device) -> str:
     if kernels == "auto":
         return "pallas" if device.platform == "gpu" else "off"
     if kernels == "on":
-        return "pallas" if device.platform == "gpu" else "interpret"
+        if device.platform != "gpu":
+            raise InputError(f"kernels='on' needs a GPU (this device is {device.platform}; "
+                             "'interpret' runs the Pallas interpreter, for tests)")
+        return "pallas"
     if kernels not in M.KERNEL_MODES:
         raise InputError(f"kernels={kernels!r} must be one of auto, on, "
                          + ", ".join(M.KERNEL_MODES))
@@ -706,8 +709,8 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
         same model), kept resident, for speculative decoding; or "self": the model's own
         VRAM-resident layers (a tiered model drafts without streaming).
       draft_k: tokens drafted per speculative round.
-      kernels: "auto" (fused Pallas decode kernels on a GPU, XLA elsewhere), "on", "off",
-        "pallas" or "interpret" (the Pallas interpreter: CPU tests). With kernels, matrices of
+      kernels: "auto" (fused Pallas decode kernels on a GPU, XLA elsewhere), "on" (a GPU's
+        kernels, or an error), "off", or "interpret" (the Pallas interpreter: CPU tests). With kernels, matrices of
         the supported types are repacked at load (see `qmatvec`) in tiers A and B; tier C and
         the mmap baseline keep the file's layout.
       matmul: input type of the prefill matmuls (more than 8 rows): "f32" (exact float32

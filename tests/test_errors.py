@@ -14,6 +14,7 @@ import sys
 
 import gguf
 import numpy as np
+import jax
 import pytest
 
 import bad_files as B
@@ -170,6 +171,10 @@ def test_cli_verbose_shows_traceback(bad_file):
     (["--temperature", "warm"], "--temperature"),
     (["--ctx_size", "1.5"], "--ctx_size"),
     (["--n_predict", "-3"], "--n_predict=-3"),
+    (["--kernels", "fast"], "--kernels"),
+    pytest.param(["--kernels", "on"], "kernels='on' needs a GPU",
+                 marks=pytest.mark.skipif(jax.default_backend() == "gpu", reason="has a GPU")),
+    (["--matmul", "f8"], "--matmul"),
 ])
 def test_cli_nonsense_flag_values(args, needle, valid):
     r = run_cli("--model", valid, *BASE_ARGS, *args)

@@ -168,6 +168,8 @@ def test_kernels_fall_back_to_xla_when_they_cannot_run(tiny_quantized, monkeypat
     from ntransformer_jax.kernels import qmatvec
     path = tiny_quantized("Q4_0")
     qmatvec.self_test(qmatvec.T.Q4_0, interpret=True)      # the real kernel passes
+    with pytest.raises(nt.InputError, match="kernels='on' needs a GPU"):
+        nt.load(path, ctx_size=32, kernels="on")
     monkeypatch.setattr(engine_mod, "_kernel_mode", lambda kernels, device: (
         "off" if kernels == "off" else "interpret"))
     def broken(qtype, interpret=False):
