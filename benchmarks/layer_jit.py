@@ -109,12 +109,14 @@ def bench_one(shape_name: str, quant: str, args: argparse.Namespace, ceiling: fl
     cfg = config_for(shape)
     layer = shape.n_layers // 2 if args.layer is None else args.layer
     w, types = layer_weights(shape, quant, layer, args.pure, rng)
+    w = M.pack_layer(w, args.kernel_mode)        # repacked (and q/k/v, gate/up fused) for the kernels
     factors = synth.llama3_rope_factors(shape.head_dim, shape.rope_base) if shape.rope_freqs else None
     inv_freq = jax.device_put(M.rope_inv_freq(cfg, factors))
-    weight_bytes = sum(getattr(w, name).nbytes for name in MATRICES) + 2 * 4 * shape.n_embd
+    weight_bytes = sum(v.nbytes for v in w if isinstance(v, M.QTensor)) + 2 * 4 * shape.n_embd
     kv_bytes = 2 * args.ctx * cfg.n_kv_head * cfg.head_dim * 4     # f32 K and V, batch 1
     n_params = sum(math.prod(dims(shape)) for dims in MATRICES.values())
     rec: dict[str, Any] = dict(shape=shape_name, quant=quant, layer=layer, pure=args.pure,
+                               kernels=args.kernel_mode,
                                types=types, weight_bytes=weight_bytes, kv_cache_bytes=kv_bytes,
                                ctx=args.ctx, prefill_tokens=args.prefill)
     for phase, t_new, pos in (("decode", 1, args.ctx - 1), ("prefill", args.prefill, 0)):
@@ -157,6 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ctx", type=int, help="KV cache length; decode at ctx - 1 (default 1024; smoke 64)")
     p.add_argument("--prefill", type=int, help="prefill tokens, <= ctx (default 512; smoke 16)")
     p.add_argument("--repeats", type=int, help="timed samples (default 7; smoke 2)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "on", "off"),
+                   help="fused decode kernels (auto: on a GPU; in --smoke, on = the interpreter)")
     p.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny shape")
     p.add_argument("--seed", type=int, default=0)
     default_out = os.path.join(os.environ["OUT"], "layer_jit.json") if os.environ.get("OUT") else None
@@ -167,6 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    gpu = jax.default_backend() == "gpu"
+    args.kernel_mode = ("off" if args.kernels == "off" or (args.kernels == "auto" and not gpu)
+                        else "pallas" if gpu else "interpret")
     args.shapes = [s.strip() for s in args.shape.split(",")]
     args.quants = [q.strip() for q in args.quant.split(",")]
     for s in args.shapes:

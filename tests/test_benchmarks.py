@@ -89,6 +89,14 @@ def test_layer_jit_smoke(tmp_path):
     assert set(res["results"][2]["types"].values()) == {"F16"}
 
 
+def test_layer_jit_smoke_with_kernels(tmp_path):
+    """--kernels on in smoke mode runs the decode kernels in the Pallas interpreter."""
+    out = tmp_path / "layer.json"
+    assert layer_jit.main(["--smoke", "--quant", "Q4_0", "--kernels", "on", "--out", str(out)]) == 0
+    [r] = json.loads(out.read_text())["results"]
+    assert r["kernels"] == "interpret" and r["decode"]["time_s"] > 0 and r["prefill"]["time_s"] > 0
+
+
 def test_layer_jit_builds_what_block_expects():
     shape = layer_jit.synth.SHAPES["tiny"]
     w, types = layer_jit.layer_weights(shape, "Q8_0", 0, False, np.random.default_rng(0))
