@@ -2,7 +2,7 @@
 # Resident-path figures in one device call (see BUILD.md's GPU section for the install prefix):
 # compiled kernel tests, the logits check with the decode kernels on, and llama-bench-like
 # pp512/tg128 on synthetic files with the kernels on and off. Results under $OUT.
-#   STEPS="tests check profile e2e" E2E="8b:Q8_0 8b:Q4_0" MODES=auto,off REPEATS=3 UNROLL=0 \
+#   STEPS="tests check kernels layer profile e2e" E2E="8b:Q8_0 8b:Q4_0" MODES=auto,off REPEATS=3 UNROLL=0 \
 #       bash benchmarks/resident_run.sh
 set -u
 OUT=${OUT:-/tmp/out}
@@ -19,6 +19,13 @@ fi
 if [[ $STEPS == *check* ]]; then
     models=$(ls .gpu2/tiny-q*.gguf 2>/dev/null | tr '\n' ',' | sed 's/,$//')
     [ -n "$models" ] && timeout 240 python3 benchmarks/gpu_check.py --models "$models" --out "$OUT" 2>&1 | tail -10
+fi
+if [[ $STEPS == *kernels* ]]; then     # every decode kernel on the 70B shapes, timed back to back
+    timeout 300 python3 benchmarks/kernels_bench.py --budget_s 200 --out "$OUT/kernels.json" 2>&1 | tail -40
+fi
+if [[ $STEPS == *layer* ]]; then       # one jitted layer, decode and prefill, kernels on
+    timeout 300 python3 benchmarks/layer_jit.py --shape 8b,70b --quant Q4_0,Q8_0,Q4_K_M \
+        --out "$OUT/layer_jit.json" 2>&1 | tail -10
 fi
 if [[ $STEPS == *profile* ]]; then     # where a decoded token's time goes, per kernel
     for job in $E2E; do
