@@ -195,3 +195,12 @@ def test_kernel_path_on_tiered_placement(tiny_quantized):
     plain = nt.load(path, ctx_size=32)
     assert (list(engine.generate_tokens([int(i) for i in ids[:3]], max_new_tokens=3, params=greedy))
             == list(plain.generate_tokens([int(i) for i in ids[:3]], max_new_tokens=3, params=greedy)))
+
+
+def test_smollm_kernel_path_matches_float64_reference(smollm_path):
+    """The real model (Q4_1 layers, Q8_0 tied head, 576 wide) through the decode kernels
+    (Pallas interpreter): 8 positions against the float64 forward."""
+    engine = nt.load(smollm_path, ctx_size=64, kernels="interpret")
+    assert engine.segments[0].attn_q.kernel == "interpret" and engine.globals.output.kernel
+    ids = engine.tokenize(PROSE)[:8]
+    _check(engine.logits(ids), Float64Llama(smollm_path).logits(ids), max_rel=1e-4, min_top1=1.0)
