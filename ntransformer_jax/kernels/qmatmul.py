@@ -43,7 +43,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ntransformer_jax import quants
 from ntransformer_jax.errors import InputError
 from ntransformer_jax.kernels import qmatvec as qm
 
@@ -246,13 +245,6 @@ class Plan(NamedTuple):
     n_chunks: int          # K / block_k
 
 
-def _check_n_cols(qtype: gguf.GGMLQuantizationType, n_cols: int) -> None:
-    block_size, _ = quants.block_geometry(qtype)
-    if n_cols <= 0 or n_cols % block_size:
-        raise InputError(f"{n_cols=} must be a positive multiple of {block_size}"
-                         f" (the {qtype.name} block size)")
-
-
 def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int,
          block_sizes: BlockSizes | None = None) -> Plan:
     """Validate a launch of `m_rows` x rows against an [n_rows, n_cols] weight; no arrays needed.
@@ -264,7 +256,7 @@ def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int
     qtype = T(qtype)
     if m_rows < 1:
         raise InputError(f"x has {m_rows=} rows; qmatmul needs at least 1")
-    _check_n_cols(qtype, n_cols)
+    qm._check_n_cols(qtype, n_cols)
     if n_rows <= 0:
         raise InputError(f"{n_rows=} must be positive")
     bs = block_sizes or BlockSizes.get_default(qtype, m_rows, n_rows, n_cols)
@@ -286,14 +278,6 @@ def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int
                 m_padded=m_padded, n_chunks=n_cols // bs.block_k)
 
 
-def _w_spec(a: jax.Array, block_n: int, stacked: bool) -> pl.BlockSpec:
-    """Row tile n of a packed array, all of K (`qmatvec._row_tile` for the grid (m, n))."""
-    if stacked:   # every layer's rows of the tile; the kernel picks the layer
-        return pl.BlockSpec((a.shape[0], block_n, *a.shape[2:]),
-                            lambda m, n: (0, n) + (0,) * (a.ndim - 2))
-    return pl.BlockSpec((block_n, *a.shape[1:]), lambda m, n: (n,) + (0,) * (a.ndim - 1))
-
-
 def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: qm._Format,
             planes: _Planes, p: Plan, dtype: jnp.dtype, *, interpret: bool,
             layer: jax.Array | None = None) -> jax.Array:
@@ -301,7 +285,7 @@ def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: qm._F
     bs = p.block_sizes
     stacked = layer is not None
     n_rows = packed[0].shape[1 if stacked else 0]
-    in_specs = ([_w_spec(a, bs.block_n, stacked) for a in packed]
+    in_specs = ([qm._row_tile(a, bs.block_n, stacked, grid_axis=1) for a in packed]
                 + [pl.BlockSpec((bs.block_m, a.shape[1]), lambda m, n: (m, 0)) for a in xs])
     operands = [*packed, *xs]
     if stacked:
@@ -320,25 +304,6 @@ def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: qm._F
         interpret=interpret,
         name="qmatmul",
     )(*operands)
-
-
-def _check_packed(packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizationType, n_cols: int,
-                  stacked: bool) -> int:
-    """Check `packed` against `repack`'s shapes (with a leading layer axis if `stacked`);
-    returns N."""
-    if not isinstance(packed, (tuple, list)) or not packed:
-        raise InputError("packed must be the tuple of arrays that qmatvec.repack returns")
-    lead = tuple(packed[0].shape[:1]) if stacked else ()
-    if len(packed[0].shape) <= len(lead):
-        raise InputError(f"packed {qtype.name} arrays have shape {list(packed[0].shape)}; with"
-                         " layer= they must be stacked on a leading layer axis")
-    n_rows = packed[0].shape[len(lead)]
-    expect = [(lead + tuple(s.shape), s.dtype) for s in qm.packed_shapes(qtype, n_rows, n_cols)]
-    got = [(tuple(a.shape), a.dtype) for a in packed]
-    if got != expect:
-        raise InputError(f"packed {qtype.name} arrays have shapes {got}, expected {expect}"
-                         f" for {n_cols=} (pass the output of qmatvec.repack)")
-    return n_rows
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "n_cols", "block_sizes", "dtype",
@@ -375,14 +340,10 @@ def qmatmul_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     if dtype not in DTYPES:
         raise InputError(f"dtype={dtype.name} must be bfloat16 or float32")
     qm._check_x(x, n_cols)
-    _check_n_cols(qtype, n_cols)
-    n_rows = _check_packed(packed, qtype, n_cols, layer is not None)
+    qm._check_n_cols(qtype, n_cols)
+    n_rows = qm._check_packed(packed, qtype, n_cols, stacked=layer is not None)
     p = plan(qtype, x.shape[0], n_rows, n_cols, block_sizes)
-    if layer is not None:
-        if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
-            raise InputError(f"layer must be an integer scalar, got {jnp.result_type(layer)}"
-                             f" {list(jnp.shape(layer))}")
-        layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = qm._layer_index(layer)
     m_rows = x.shape[0]
     x = jnp.pad(x, ((0, p.m_padded - m_rows), (0, 0)))
     xs = tuple(a.astype(dtype) for a in x_planes(x, qtype))  # [Mp, K / planes] each

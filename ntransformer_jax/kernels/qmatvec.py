@@ -444,11 +444,15 @@ def _format(qtype: object) -> _Format:
 # Repack and its inverse.
 # ---------------------------------------------------------------------------------------------
 
-def _check_weight(w_data: jax.Array, qtype: gguf.GGMLQuantizationType, n_cols: int) -> None:
+def _check_n_cols(qtype: gguf.GGMLQuantizationType, n_cols: int) -> None:
     block_size, _ = quants.block_geometry(qtype)
     if n_cols <= 0 or n_cols % block_size:
         raise InputError(f"{n_cols=} must be a positive multiple of {block_size}"
                          f" (the {qtype.name} block size)")
+
+
+def _check_weight(w_data: jax.Array, qtype: gguf.GGMLQuantizationType, n_cols: int) -> None:
+    _check_n_cols(qtype, n_cols)
     if w_data.ndim != 2 or w_data.dtype != jnp.uint8:
         raise InputError(f"w_data must be uint8 [N, row_bytes], got {w_data.dtype}"
                          f" {list(w_data.shape)}")
@@ -568,12 +572,9 @@ def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int
     """
     fmt = _format(qtype)
     qtype = T(qtype)
-    block_size, _ = quants.block_geometry(qtype)
     if not 1 <= m_rows <= MAX_ROWS:
         raise InputError(f"x has {m_rows=} rows; qmatvec serves 1 to {MAX_ROWS} (use a matmul)")
-    if n_cols <= 0 or n_cols % block_size:
-        raise InputError(f"{n_cols=} must be a positive multiple of {block_size}"
-                         f" (the {qtype.name} block size)")
+    _check_n_cols(qtype, n_cols)
     if n_rows <= 0:
         raise InputError(f"{n_rows=} must be positive")
     bs = block_sizes or BlockSizes.get_default(qtype, n_rows, n_cols)
@@ -607,11 +608,14 @@ def _whole(a: jax.Array) -> pl.BlockSpec:
     return pl.BlockSpec(a.shape, lambda n, s: (0,) * a.ndim)
 
 
-def _row_tile(a: jax.Array, block_n: int, stacked: bool) -> pl.BlockSpec:
+def _row_tile(a: jax.Array, block_n: int, stacked: bool, grid_axis: int = 0) -> pl.BlockSpec:
+    """Row tile `block_n` of packed array `a`, all of K; the tile index is grid axis
+    `grid_axis` (qmatmul's grid has its row tiles on axis 1)."""
     if stacked:   # every layer's rows of the tile; the kernel picks the layer
         return pl.BlockSpec((a.shape[0], block_n, *a.shape[2:]),
-                            lambda n, s: (0, n) + (0,) * (a.ndim - 2))
-    return pl.BlockSpec((block_n, *a.shape[1:]), lambda n, s: (n,) + (0,) * (a.ndim - 1))
+                            lambda *ids: (0, ids[grid_axis]) + (0,) * (a.ndim - 2))
+    return pl.BlockSpec((block_n, *a.shape[1:]),
+                        lambda *ids: (ids[grid_axis],) + (0,) * (a.ndim - 1))
 
 
 def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Format, p: Plan, *,
@@ -664,6 +668,35 @@ def _drop_arg(fn: Callable[..., None], index: int) -> Callable[..., None]:
     return wrapped
 
 
+def _check_packed(packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizationType, n_cols: int,
+                  stacked: bool) -> int:
+    """Check `packed` against `repack`'s shapes (with a leading layer axis if `stacked`);
+    returns N."""
+    if not isinstance(packed, (tuple, list)) or not packed:
+        raise InputError("packed must be the tuple of arrays that qmatvec.repack returns")
+    lead = tuple(packed[0].shape[:1]) if stacked else ()
+    if len(packed[0].shape) <= len(lead):
+        raise InputError(f"packed {qtype.name} arrays have shape {list(packed[0].shape)}; with"
+                         " layer= they must be stacked on a leading layer axis")
+    n_rows = packed[0].shape[len(lead)]
+    expect = [(lead + tuple(s.shape), s.dtype) for s in packed_shapes(qtype, n_rows, n_cols)]
+    got = [(tuple(a.shape), a.dtype) for a in packed]
+    if got != expect:
+        raise InputError(f"packed {qtype.name} arrays have shapes {got}, expected {expect}"
+                         f" for {n_cols=} (pass the output of qmatvec.repack)")
+    return n_rows
+
+
+def _layer_index(layer) -> jax.Array | None:
+    """A stack index as the kernels read it: int32 [1]; None stays None."""
+    if layer is None:
+        return None
+    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+        raise InputError(f"layer must be an integer scalar, got {jnp.result_type(layer)}"
+                         f" {list(jnp.shape(layer))}")
+    return jnp.asarray(layer, jnp.int32).reshape(1)
+
+
 def _check_x(x: jax.Array, n_cols: int) -> None:
     if x.ndim != 2:
         raise InputError(f"x must be [M, K], got shape {list(x.shape)}")
@@ -700,18 +733,10 @@ def qmatvec_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     fmt = _format(qtype)
     qtype = T(qtype)
     _check_x(x, n_cols)
-    lead = () if layer is None else packed[0].shape[:1]
-    n_rows = packed[0].shape[len(lead)]
-    expect = [(lead + tuple(s.shape), s.dtype) for s in packed_shapes(qtype, n_rows, n_cols)]
-    got = [(tuple(a.shape), a.dtype) for a in packed]
-    if got != expect:
-        raise InputError(f"packed {qtype.name} arrays have shapes {got}, expected {expect}"
-                         f" for {n_cols=} (pass the output of repack)")
+    n_rows = _check_packed(packed, qtype, n_cols, stacked=layer is not None)
     p = plan(qtype, x.shape[0], n_rows, n_cols, block_sizes)
-    if layer is not None:
-        layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    out = _launch(_x_arrays(x, fmt, p.m_padded), packed, fmt, p, interpret=interpret,
-                  layer=layer)
+    out = _launch(_x_arrays(x, fmt, p.m_padded), tuple(packed), fmt, p, interpret=interpret,
+                  layer=_layer_index(layer))
     return out.sum(axis=0)[: x.shape[0]]  # [M, N]
 
 
