@@ -38,6 +38,7 @@ flags.DEFINE_string("kernels", "auto", "Engine kernel mode (auto, on, off).")
 flags.DEFINE_integer("top", 25, "Kernels listed.")
 flags.DEFINE_string("procs", r"GPU|/device:", "Regex of the trace's process names that are devices.")
 flags.DEFINE_boolean("keep_trace", False, "Copy the raw trace (perfetto_trace.json.gz) to --out.")
+flags.DEFINE_integer("scan_unroll", 0, "Set model.SCAN_UNROLL (0: keep the default; -1: full unroll).")
 flags.DEFINE_string("out", None, "Folder for profile_decode.json.")
 FLAGS = flags.FLAGS
 
@@ -92,10 +93,18 @@ def summarize(trace_path: str, tokens: int, top: int, procs: str = r"GPU|/device
 def main(argv):
     del argv
     path = FLAGS.model or synthetic_file(FLAGS.workdir, FLAGS.shape, FLAGS.quant)[0]
+    if FLAGS.scan_unroll:
+        from ntransformer_jax import model
+        model.SCAN_UNROLL = True if FLAGS.scan_unroll < 0 else FLAGS.scan_unroll
     engine = nt.load(path, ctx_size=FLAGS.tokens + 64, kernels=FLAGS.kernels)
     greedy = nt.SamplingParams(temperature=0)
     prompt = [11, 22, 33, 44]
     list(engine.generate_tokens(prompt, max_new_tokens=FLAGS.tokens, params=greedy))  # compile
+    # Untraced timing too: XLA runs command buffers (CUDA graphs) op by op under a profiler.
+    t = time.perf_counter()
+    untraced = list(engine.generate_tokens(prompt, max_new_tokens=FLAGS.tokens, params=greedy))
+    untraced_us = (time.perf_counter() - t) / len(untraced) * 1e6
+    untraced_tps = engine.last_stats.generate_tok_per_s
     logdir = tempfile.mkdtemp()
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
         t = time.perf_counter()
@@ -107,7 +116,9 @@ def main(argv):
     n = len(got)
     res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__,
                card=jax.devices()[0].device_kind, model=os.path.basename(path),
-               kernels=engine.kernels, tokens=n, wall_us_per_token=wall / n * 1e6,
+               kernels=engine.kernels, tokens=n, untraced_wall_us_per_token=untraced_us,
+               untraced_tok_per_s=untraced_tps, scan_unroll=FLAGS.scan_unroll,
+               xla_flags=os.environ.get("XLA_FLAGS", ""), wall_us_per_token=wall / n * 1e6,
                weight_bytes=engine.weight_bytes, **summarize(traces[0], n, FLAGS.top, FLAGS.procs))
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
@@ -115,8 +126,9 @@ def main(argv):
             json.dump(res, f, indent=1)
         if FLAGS.keep_trace:
             shutil.copy(traces[0], os.path.join(FLAGS.out, "perfetto_trace.json.gz"))
-    print(f"{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']}: "
-          f"{res['wall_us_per_token']:.0f} us/token wall, device busy "
+    print(f"{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']} "
+          f"unroll={res['scan_unroll']} XLA_FLAGS={res['xla_flags']!r}: "
+          f"{res['wall_us_per_token']:.0f} us/token wall (untraced {untraced_us:.0f}), device busy "
           f"{res['device_busy_us_per_token']:.0f} us, {res['kernels_per_token']:.0f} kernels/token")
     for group, us in sorted(res["groups_us_per_token"].items(), key=lambda kv: -kv[1]):
         print(f"  {group:28s} {us:9.1f} us/token")

@@ -41,6 +41,8 @@ flags.DEFINE_integer("ctx_size", 512, "Context size.")
 flags.DEFINE_boolean("drop_caches", False, "Drop the page cache before each run (cold disk).")
 flags.DEFINE_float("disk_ram_budget_gb", 4.0, "RAM budget of the disk-tier run (0 = skip it).")
 flags.DEFINE_integer("n_disk", 3, "Tokens to decode in the disk-tier run.")
+flags.DEFINE_list("disk_readers", ["posix"], "Tier-C readers of the disk-tier runs (posix with O_DIRECT, kvikio).")
+flags.DEFINE_boolean("index_layout", False, "Also run each budget with layout='index' (streamed layers last).")
 flags.DEFINE_list("then_quants", [], "After the first model, delete it and run these quants too (same shape).")
 flags.DEFINE_string("single", None, "Internal: run one configuration (JSON) in this process and print JSON.")
 flags.DEFINE_string("out", None, "Folder for JSON.")
@@ -102,7 +104,8 @@ def run(path: str, n_tokens: int, cold_each_token: bool = False, **opts) -> dict
         t = time.perf_counter()
     st = engine.last_stats
     stats = engine.device.memory_stats() or {}
-    res = dict(opts=opts, load_s=load_s, placement="".join(t[0] for t in engine.placement),
+    res = dict(opts=opts, load_s=load_s, reader=getattr(getattr(engine.streamer, "reader", None), "name", None)
+               if getattr(engine, "streamer", None) else None, placement="".join(t[0] for t in engine.placement),
                plan=engine.plan.summary(), tok_per_s=st.generate_tok_per_s, per_token=st.per_token(),
                token_times=token_times, proc=proc_status(),
                steady_tok_per_s=1 / statistics.median(token_times[2:-1] or token_times[:1]),
@@ -171,9 +174,19 @@ def main(argv):
             save()
             if quant != FLAGS.quant:
                 continue
-            if FLAGS.disk_ram_budget_gb:
+            if FLAGS.index_layout:
+                x = run_isolated(path, FLAGS.n_decode, vram_budget_gb=float(budget), layout="index")
+                x["quant"] = quant
+                x["roofline_tok_per_s"] = r["roofline_tok_per_s"]
+                x["ratio"] = x["tok_per_s"] / x["roofline_tok_per_s"]
+                res["runs"].append(x)
+                save()
+            for reader in (FLAGS.disk_readers if FLAGS.disk_ram_budget_gb else []):
+                # POSIX reads bypass the page cache (O_DIRECT); KvikIO's compat-mode reads do not,
+                # so its run evicts the file's pages before every token.
                 d = run_isolated(path, FLAGS.n_disk, vram_budget_gb=float(budget),
-                        ram_budget_gb=FLAGS.disk_ram_budget_gb, o_direct=True)
+                        ram_budget_gb=FLAGS.disk_ram_budget_gb, reader=reader, o_direct=reader == "posix",
+                        cold_each_token=reader != "posix")
                 d["quant"] = quant
                 p = d["per_token"]
                 d["disk_ratio_to_cold_read"] = p.get("disk_gbps", 0) / max(res["cold_read_gbps"], 1e-9)

@@ -19,7 +19,6 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import SingleDeviceSharding
 
 from ntransformer_jax import model as M
 from ntransformer_jax.kernels import qmatvec
@@ -29,8 +28,9 @@ from ntransformer_jax.sampling import SamplingParams, sample
 from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats, check_compatible,
                                           speculative_tokens)
 from ntransformer_jax.placement import is_layered, layer_span, plan_for, staging_bytes
-from ntransformer_jax.tiers import (LayerSource, MapGuard, Streamer, StreamStats, TierOptions,
-                                    available_ram, free_device_memory, open_reader)
+from ntransformer_jax.tiers import (LayerSource, MapReader, Streamer, StreamStats, TierOptions,
+                                    available_ram, free_device_memory, open_reader, pin_tree,
+                                    pinned_empty, release_pinned_pool)
 from ntransformer_jax.tokenizer import Tokenizer, decode_stream
 
 DEFAULT_CTX = 4096
@@ -181,7 +181,21 @@ class Engine:
     # -- loading ---------------------------------------------------------------------------
 
     def _put(self, info: TensorInfo) -> jax.Array:
-        return jax.device_put(_to_host_array(info), self.device)
+        return self._to_device(_to_host_array(info))
+
+    def _to_device(self, tree):
+        """Host arrays to the device; on a GPU through pinned staging (`pin_tree`): a direct
+        DMA, where pageable memory would be staged through XLA's pinned-host pool, which keeps
+        what it grows to in this process's RSS."""
+        if self.device.platform != "cpu":
+            tree = pin_tree(tree)
+        return jax.device_put(tree, self.device)
+
+    def _release_layer_pages(self, i: int) -> None:
+        """Drop layer i's file pages from this process's RSS once its copy is placed (GPU only:
+        on the CPU backend device arrays may alias the map)."""
+        if self.device.platform != "cpu":
+            self.model_file.release_range(*layer_span(self.model_file, i))
 
     def _qtensor(self, info: TensorInfo, pack: bool = True) -> M.QTensor:
         w = M.QTensor(self._put(info), info.qtype, info.shape[-1])
@@ -235,20 +249,20 @@ class Engine:
         else:
             self.resident: dict[int, M.LayerWeights] = {}
             sources: dict[int, LayerSource] = {}
-            pinned = SingleDeviceSharding(self.device, memory_kind="pinned_host")
             for i, tier in enumerate(self.placement):
                 if tier == "vram":
-                    self.resident[i] = jax.device_put(self._host_layer(i, pack=True), self.device)
+                    self.resident[i] = jax.block_until_ready(self._to_device(self._host_layer(i, pack=True)))
+                    self._release_layer_pages(i)
                 elif tier == "ram":
-                    sources[i] = LayerSource("ram", host_tree=jax.device_put(self._host_layer(i, pack=True),
-                                                                             pinned),
+                    sources[i] = LayerSource("ram", host_tree=pin_tree(self._host_layer(i, pack=True)),
                                              n_bytes=layer_bytes[i])
+                    self._release_layer_pages(i)
                 elif opts.streaming == "mmap":
                     infos = [f.layer_tensor(i, s) for s in LAYER_TENSORS]
                     start = min(t.offset for t in infos)
-                    end = max(t.offset + t.n_bytes for t in infos)   # exact: the guard checks it
+                    end = max(t.offset + t.n_bytes for t in infos)   # exact: within the map
                     sources[i] = LayerSource("mmap", span=(start, end - start), n_bytes=layer_bytes[i],
-                                             build=functools.partial(self._host_layer, i))
+                                             build=functools.partial(self._staged_layer, i, start))
                 else:
                     sources[i] = LayerSource("disk", span=spans[i], n_bytes=layer_bytes[i],
                                              build=functools.partial(self._staged_layer, i, spans[i][0]))
@@ -258,7 +272,7 @@ class Engine:
             needs_reader = any(s.tier == "disk" for s in sources.values())
             mapped = any(s.tier == "mmap" for s in sources.values())
             reader = (open_reader(f.path, opts) if needs_reader
-                      else MapGuard(f.path) if mapped else None)
+                      else MapReader(f.path, f.tensor("token_embd.weight")) if mapped else None)
             self.streamer = Streamer(sources, self.device, opts, reader, staging)
         embd = self._qtensor(f.tensor("token_embd.weight"))
         output = embd if cfg.tied_output else self._qtensor(f.tensor("output.weight"))
@@ -276,6 +290,7 @@ class Engine:
             jax.block_until_ready(jax.tree_util.tree_leaves((self.globals, getattr(self, "resident", {}),
                                                              getattr(self, "segments", ()))))
             f.release_pages()
+            release_pinned_pool()      # load-time staging back to the system (tier B stays)
 
     def _load_resident_segments(self, layer_bytes: list[int]) -> None:
         # Consecutive layers with the same weight signature (types and shapes) form a segment,
@@ -297,16 +312,21 @@ class Engine:
                 leaves, tree = jax.tree_util.tree_flatten(self._host_layer(i, pack=True))
                 biggest = max(np.asarray(a).nbytes for a in leaves)
                 n = max(1, min(end - i, MAX_STACK_BYTES // max(biggest, 1)))
-                stack = [np.empty((n, *np.shape(a)), np.asarray(a).dtype) for a in leaves]
+                empty = np.empty if self.device.platform == "cpu" else pinned_empty
+                stack = [empty((n, *np.shape(a)), np.asarray(a).dtype) for a in leaves]
                 for j in range(i, i + n):
                     if j > i:
                         leaves = jax.tree_util.tree_leaves(self._host_layer(j, pack=True))
                     for dst, a in zip(stack, leaves):
                         dst[j - i] = a
+                    self._release_layer_pages(j)
                     done += layer_bytes[j]
                     if self._progress:
                         self._progress(done, total)
-                segments.append(jax.device_put(jax.tree_util.tree_unflatten(tree, stack), self.device))
+                # Pinned stacks: a direct DMA (see `_to_device`); waited for, so the next
+                # segment's stack can reuse the pinned blocks.
+                segments.append(jax.block_until_ready(
+                    jax.device_put(jax.tree_util.tree_unflatten(tree, stack), self.device)))
                 sizes.append(n)
                 del stack, leaves
                 i += n
@@ -327,8 +347,9 @@ class Engine:
             if i in self.resident:
                 return self.resident[i]
             src = self.streamer.sources[i]
-            tree = (src.host_tree if src.tier == "ram" else
-                    self.streamer.read_mapped(i) if src.tier == "mmap" else self._host_layer(i))
+            if src.tier == "mmap":
+                return self.streamer.read_mapped(i)       # copied out of the map to the device
+            tree = src.host_tree if src.tier == "ram" else self._host_layer(i)
             return jax.device_put(tree, self.device)
         for seg, n in zip(self.segments, self.segment_sizes):
             if i < n:
@@ -341,6 +362,7 @@ class Engine:
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
+            release_pinned_pool()
 
     def __enter__(self) -> "Engine":
         return self
@@ -717,11 +739,11 @@ def load(path: str | os.PathLike[str], *, ctx_size: int | None = None,
         products, the default) or "bf16" (tensor cores, float32 accumulation: much faster
         prompts, logits within about 1e-2).
       **tier_options: `TierOptions` fields (vram_budget_gb, ram_budget_gb, max_vram_layers,
-        ...). Host RSS follows ram_budget_gb only if XLA's pinned pool is capped before JAX
-        starts its GPU backend: call `tiers.limit_pinned_pool(ram_budget_gb)` first (the CLI
-        does). Fields: vram_budget_gb, ram_budget_gb, max_vram_layers,
-        max_ram_layers, streaming ("pipeline" | "mmap"), prefetch_depth, reader, o_direct,
-        read_threads. With none given, layers stay in device memory when they fit.
+        ...). XLA's pinned-host pool (used only for small copies) is bounded when
+        `tiers.limit_pinned_pool(ram_budget_gb)` runs before JAX starts its GPU backend (the
+        CLI does). Fields: vram_budget_gb, ram_budget_gb, max_vram_layers, max_ram_layers,
+        streaming ("pipeline" | "mmap"), prefetch_depth, reader, o_direct, read_threads,
+        layout ("spread" | "index"). With none given, layers stay in device memory when they fit.
     Returns:
       An `Engine`; `engine.placement` tells where each layer went.
     Raises:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntransformer_jax import quants
-from ntransformer_jax.kernels import qmatvec
+from ntransformer_jax.kernels import norm, qmatvec
 from ntransformer_jax.model_file import LlamaConfig
 from ntransformer_jax.sampling import SamplingParams, sample
 
@@ -272,6 +272,41 @@ def linear(x: jax.Array, w: QTensor) -> jax.Array:
     return jnp.moveaxis(out, 0, -2).reshape(*lead, rows)
 
 
+def linear_parts(x: jax.Array, w: QTensor) -> jax.Array:
+    """`linear` with the fused kernel's K-split partial sums left unsummed: [P, ..., out] (P = 1
+    off the kernel path), for a consumer that adds them itself (`add_norm`)."""
+    rows, cols = w.shape
+    lead = x.shape[:-1]
+    m = int(np.prod(lead))
+    if w.kernel and 1 <= m <= qmatvec.MAX_ROWS:
+        y = qmatvec.qmatvec_packed(x.reshape(m, cols), w.data, w.qtype, cols,
+                                   interpret=w.kernel == "interpret", layer=w.index, sum_splits=False)
+        return y.reshape(y.shape[0], *lead, rows)
+    return linear(x, w)[None]
+
+
+def add_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: float,
+             kernel: str | None, layer: jax.Array | None = None):
+    """(x + sum(parts), rms_norm of it) or, with `parts` None, rms_norm(x) alone.
+
+    x: [B, T, D]; parts: [P, B, T, D]; weight: [D], or [L, D] stacked with `layer` its index.
+    With `kernel` ("pallas" or "interpret") and decode-sized x, one `norm.add_rms_norm` launch
+    does it all (XLA would take three kernels); otherwise plain XLA.
+    """
+    b, t, d = x.shape
+    if kernel and norm.supports(b * t, d):
+        flat = None if parts is None else parts.reshape(parts.shape[0], b * t, d)
+        out = norm.add_rms_norm(x.reshape(b * t, d), flat, weight, eps, layer=layer,
+                                interpret=kernel == "interpret")
+        return (out.reshape(x.shape) if parts is None
+                else (out[0].reshape(x.shape), out[1].reshape(x.shape)))
+    w = weight if layer is None else weight[layer]
+    if parts is None:
+        return rms_norm(x, w, eps)
+    x = x + jnp.sum(parts, axis=0)
+    return x, rms_norm(x, w, eps)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     ms = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(ms + eps) * weight
@@ -317,7 +352,8 @@ def attention(q: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, pos: jax.Array,
-             inv_freq: jax.Array, layer: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+             inv_freq: jax.Array, layer: jax.Array | None = None,
+             norms_stacked: bool = False) -> tuple[jax.Array, KVCache]:
     """One transformer block (un-jitted; see `block` and `forward_layers`).
 
     Args:
@@ -329,6 +365,7 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
       pos: int32 scalar or [B], the position of the first new token.
       inv_freq: [n_rot // 2] RoPE frequencies.
       layer: index into a stacked cache, or None.
+      norms_stacked: the norm weights are the stacked [L, D] arrays, entry `layer` this layer's.
     Returns:
       (x [B, T, D], updated cache).
     """
@@ -336,8 +373,11 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
     pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (b,))
     positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]   # [B, T]
 
+    kernel = w.attn_output.kernel          # the norms take a kernel where the matrices do
+    norm_layer = layer if norms_stacked else None
+
     # Attention: norm, project, rotate, write the cache, attend, project back.
-    h = rms_norm(x, w.attn_norm, cfg.rms_eps)
+    h = add_norm(x, None, w.attn_norm, cfg.rms_eps, kernel, norm_layer)
     if w.attn_k is None:         # q, k and v fused by rows (see pack_layer)
         q, k, v = _linear_split(h, w.attn_q)
     else:
@@ -358,10 +398,9 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
         cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
         mine = KVCache(*(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache))
     attn = attention(q, mine, positions).reshape(b, t, cfg.q_dim)
-    x = x + linear(attn, w.attn_output)
 
-    # Feed-forward: SwiGLU.
-    h = rms_norm(x, w.ffn_norm, cfg.rms_eps)
+    # Feed-forward: residual add and norm in one, then SwiGLU.
+    x, h = add_norm(x, linear_parts(attn, w.attn_output), w.ffn_norm, cfg.rms_eps, kernel, norm_layer)
     if w.ffn_up is None:         # gate and up fused by rows
         gate, up = _linear_split(h, w.ffn_gate)
     else:
@@ -387,14 +426,12 @@ def forward_layers(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], caches:
     on a leading axis, and runs as one `lax.scan`; its cache is stacked the same way [L, B, S, K, H]."""
     new_caches = []
     for seg, cache in zip(segments, caches):
-        def body(carry, i, seg=seg):
+        def body(i, carry, seg=seg):
             x, cache = carry
-            w = LayerWeights(*(v.entry(i) if isinstance(v, QTensor) else
-                               None if v is None else v[i] for v in seg))
-            return block_fn(cfg, w, x, cache, pos, inv_freq, layer=i), None
-        n = cache.k.shape[0]
-        (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(n, dtype=jnp.int32),
-                                     unroll=SCAN_UNROLL)
+            w = LayerWeights(*(v.entry(i) if isinstance(v, QTensor) else v for v in seg))
+            return block_fn(cfg, w, x, cache, pos, inv_freq, layer=i, norms_stacked=True)
+        # The layer index is the loop's own counter (no array of indices to slice per layer).
+        x, cache = jax.lax.fori_loop(0, cache.k.shape[0], body, (x, cache), unroll=SCAN_UNROLL)
         new_caches.append(cache)
     return x, tuple(new_caches)
 

@@ -504,6 +504,18 @@ class ModelFile:
             except OSError:
                 pass   # advisory only
 
+    def release_range(self, offset: int, length: int) -> None:
+        """`release_pages` for the bytes [offset, offset + length) only (whole pages inside it)."""
+        if self._buffer is None or not hasattr(self._buffer, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = min((offset + length) // mmap.PAGESIZE * mmap.PAGESIZE, len(self._buffer))
+        if end > start:
+            try:
+                self._buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except OSError:
+                pass   # advisory only
+
     def close(self) -> None:
         """Drop the memory map (tensor views taken earlier stay valid until released)."""
         self._buffer = None

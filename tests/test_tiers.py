@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -81,6 +82,26 @@ def test_plan_respects_budgets_and_caps():
     assert (capped.count("vram"), capped.count("ram"), capped.count("disk")) == (1, 3, 6)
 
 
+def test_index_layout_streams_the_last_layers():
+    opts = TierOptions(max_vram_layers=4, max_ram_layers=3, layout="index")
+    plan = plan_placement([100] * 10, {}, 110, opts, None, None, 100)
+    assert plan.tiers == ("vram",) * 4 + ("ram",) * 3 + ("disk",) * 3
+    spread_plan = plan_placement([100] * 10, {}, 110, TierOptions(max_vram_layers=4, max_ram_layers=3),
+                                 None, None, 100)
+    assert spread_plan.tiers != plan.tiers and spread_plan.count("vram") == 4
+    assert [i for i, t in enumerate(spread_plan.tiers) if t != "vram"] == spread(10, 6)
+
+
+@pytest.mark.parametrize("layout", ["spread", "index"])
+def test_vram_budget_counts_the_layers_actually_placed(layout):
+    # Layers of different sizes (a _M file's mixed types): the VRAM sum is of the placed layers.
+    layers = [100, 300, 100, 300, 100, 300, 100, 300]
+    budget = 1000                       # 3 slots of 300 = 900 leave 100: one small layer at most
+    plan = plan_placement(layers, {}, 310, TierOptions(vram_budget_gb=budget * 1e-9, layout=layout),
+                          None, None, 300)
+    assert plan.device_bytes <= budget and plan.count("vram") <= 1
+
+
 def test_budget_too_small_names_the_minimum():
     with pytest.raises(nt.InputError, match=r"vram_budget_gb=.*minimum is"):
         plan_placement([100] * 4, {"kv_cache": 500}, 100, TierOptions(vram_budget_gb=1e-7), None, None, 100)
@@ -90,7 +111,8 @@ def test_budget_too_small_names_the_minimum():
 
 
 @pytest.mark.parametrize("kwargs", [dict(vram_budget_gb=-1), dict(ram_budget_gb=float("nan")),
-                                    dict(max_ram_layers=-2), dict(streaming="fast"), dict(prefetch_depth=0)])
+                                    dict(max_ram_layers=-2), dict(streaming="fast"), dict(prefetch_depth=0),
+                                    dict(layout="random")])
 def test_bad_tier_options(kwargs, six_layer_path):
     with pytest.raises(nt.InputError):
         nt.load(six_layer_path, ctx_size=16, **kwargs)
@@ -160,3 +182,141 @@ def test_pinned_pool_is_capped_at_the_ram_budget(monkeypatch):
     assert tiers.limit_pinned_pool(100) == "7"            # an existing setting wins
     monkeypatch.setenv(tiers.PINNED_POOL_ENV, "300")
     assert tiers.limit_pinned_pool(4) == "300"
+
+
+# ---------------------------------------------------------------------------------------------
+# The mmap baseline copies out of the map with process_vm_readv: no SIGBUS on a truncated file
+# ---------------------------------------------------------------------------------------------
+
+def run_python(code: str, *args: str):
+    """Run `code` in a fresh interpreter (a SIGBUS there shows as returncode -SIGBUS, not a dead
+    pytest)."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def needs_vm_readv():
+    from ntransformer_jax import tiers
+    if tiers._process_vm_readv() is None:
+        pytest.skip("process_vm_readv does not work here (the reader falls back to fstat + copy)")
+
+
+def test_copy_from_map_exact_bytes_in_chunks(tmp_path, monkeypatch):
+    import mmap
+    from ntransformer_jax import tiers
+    needs_vm_readv()
+    path = tmp_path / "bytes.bin"
+    data = np.random.default_rng(0).integers(0, 256, 200_003, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(m, np.uint8)
+    monkeypatch.setattr(tiers, "COPY_CHUNK", 4096 + 7)          # many partial iovecs
+    dst = np.zeros(150_000, np.uint8)
+    assert tiers.copy_from_map(dst, view.ctypes.data + 1234, len(dst)) == len(dst)
+    np.testing.assert_array_equal(dst, data[1234:1234 + len(dst)])
+    with pytest.raises(ValueError):
+        tiers.copy_from_map(dst[::2], view.ctypes.data, 10)
+
+
+COPY_PAST_EOF = """
+import mmap, os, sys
+import numpy as np
+from ntransformer_jax import tiers
+path, how = sys.argv[1], sys.argv[2]
+with open(path, "wb") as f:
+    f.write(bytes(range(256)) * 4096)                      # 1 MiB
+with open(path, "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+view = np.frombuffer(m, np.uint8)
+os.truncate(path, 100_000)                                 # after mapping: pages past it are gone
+dst = np.zeros(1 << 19, np.uint8)
+if how == "plain":
+    dst[:] = view[:len(dst)]                               # the old copy: SIGBUS
+n = tiers.copy_from_map(dst, view.ctypes.data, len(dst))
+whole = -(-100_000 // mmap.PAGESIZE) * mmap.PAGESIZE       # the last page reads whole (zero tail)
+assert n == whole, n
+assert dst[:100_000].tobytes() == (bytes(range(256)) * 4096)[:100_000]
+assert tiers.copy_from_map(dst, view.ctypes.data + 600_000, 1000) == 0
+print("short", n)
+"""
+
+
+def test_copy_from_map_stops_short_past_the_end_of_a_truncated_file(tmp_path):
+    import signal
+    needs_vm_readv()
+    r = run_python(COPY_PAST_EOF, str(tmp_path / "cut.bin"), "vm_readv")
+    assert r.returncode == 0 and "short" in r.stdout, (r.returncode, r.stderr)
+    # The control: a plain copy of the same range is SIGBUS (so the case above is the real one).
+    r = run_python(COPY_PAST_EOF, str(tmp_path / "cut2.bin"), "plain")
+    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr)
+
+
+TRUNCATE_BEFORE_COPY = """
+import os, shutil, sys
+import numpy as np
+import ntransformer_jax as nt
+from ntransformer_jax import tiers
+src, path = sys.argv[1], sys.argv[2]
+shutil.copy(src, path)
+engine = nt.load(path, ctx_size=32, max_vram_layers=0, streaming="mmap")
+engine.logits([1, 2, 3])
+first = engine.model_file.layer_tensor(0, "attn_q")
+cut = first.offset + 10
+copy = tiers.copy_from_map
+def truncate_then_copy(dst, address, n):
+    if os.path.getsize(path) > cut:
+        os.truncate(path, cut)                             # after any check, right before the copy
+    return copy(dst, address, n)
+tiers.copy_from_map = truncate_then_copy
+for run in (engine.logits, engine.logits_layerwise):
+    try:
+        run([1, 2, 3])
+    except tiers.StreamingError as e:
+        print("error:", e)
+    else:
+        print("no error")
+engine.close()
+"""
+
+
+def test_file_truncated_right_before_the_mmap_copy_is_an_error_not_sigbus(six_layer_path, tmp_path):
+    needs_vm_readv()
+    r = run_python(TRUNCATE_BEFORE_COPY, six_layer_path, str(tmp_path / "cut.gguf"))
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    errors = [l for l in r.stdout.splitlines() if l.startswith(("error:", "no error"))]
+    assert len(errors) == 2, r.stdout
+    for line in errors:
+        assert re.match(r"error: layer 0\b.*cut\.gguf.*truncated", line), line
+
+
+def test_mmap_fallback_without_process_vm_readv(six_layer_path, tmp_path, monkeypatch):
+    """Where process_vm_readv does not work, the reader checks the size, then copies: same logits,
+    and a file already truncated is still a StreamingError."""
+    from ntransformer_jax import tiers
+    monkeypatch.setattr(tiers, "_process_vm_readv", lambda: None)
+    ids = [1, 17, 42, 99, 7]
+    resident = nt.load(six_layer_path, ctx_size=32)
+    want, want_layerwise = resident.logits(ids), resident.logits_layerwise(ids)
+    path = str(tmp_path / "fallback.gguf")
+    shutil.copy(six_layer_path, path)
+    with nt.load(path, ctx_size=32, max_vram_layers=0, streaming="mmap") as engine:
+        np.testing.assert_array_equal(engine.logits(ids), want)
+        np.testing.assert_array_equal(engine.logits_layerwise(ids), want_layerwise)
+        os.truncate(path, engine.model_file.layer_tensor(5, "attn_q").offset + 10)
+        with pytest.raises(StreamingError, match=r"layer 5\b.*fallback\.gguf.*truncated"):
+            engine.logits(ids)
+
+
+def test_mmap_staging_is_one_buffer_reused(six_layer_path):
+    """The baseline allocates one host buffer, sized to the largest mapped span, for every layer."""
+    with nt.load(six_layer_path, ctx_size=32, max_vram_layers=2, streaming="mmap") as engine:
+        st = engine.streamer
+        spans = [s.span[1] for s in st.sources.values()]
+        assert len(st._staging) == 1 and len(st._staging[0]) == max(spans)
+        before = st._staging[0].ctypes.data
+        engine.logits([1, 2, 3])
+        engine.logits([4, 5, 6])
+        assert len(st._staging) == 1 and st._staging[0].ctypes.data == before and st._free_staging == [0]

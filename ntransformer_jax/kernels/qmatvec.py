@@ -706,11 +706,12 @@ def _check_x(x: jax.Array, n_cols: int) -> None:
         raise InputError(f"x has {x.shape[1]} columns but {n_cols=}")
 
 
-@functools.partial(jax.jit, static_argnames=("qtype", "n_cols", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("qtype", "n_cols", "block_sizes", "interpret",
+                                             "sum_splits"))
 def qmatvec_packed(x: jax.Array, packed: tuple[jax.Array, ...],
                    qtype: gguf.GGMLQuantizationType, n_cols: int, *,
                    block_sizes: BlockSizes | None = None, interpret: bool = False,
-                   layer: jax.Array | None = None) -> jax.Array:
+                   layer: jax.Array | None = None, sum_splits: bool = True) -> jax.Array:
     """y = x @ W^T with W given as `repack(w_data, qtype)`; the form to use in the engine.
 
     Args:
@@ -723,9 +724,11 @@ def qmatvec_packed(x: jax.Array, packed: tuple[jax.Array, ...],
             layers passes its index, so no per-layer slice of the weights is materialized).
         block_sizes: tiling; `BlockSizes.get_default(qtype, N, K)` when None.
         interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
+        sum_splits: add the K-split partial sums (else return them, for a consumer kernel that
+            adds them itself, such as `norm.add_rms_norm`).
 
     Returns:
-        [M, N] float32.
+        [M, N] float32; [split_k, M, N] partial sums with `sum_splits=False`.
 
     Raises:
         InputError: shapes, dtypes or tiling the kernel cannot take (before anything runs).
@@ -737,7 +740,8 @@ def qmatvec_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     p = plan(qtype, x.shape[0], n_rows, n_cols, block_sizes)
     out = _launch(_x_arrays(x, fmt, p.m_padded), tuple(packed), fmt, p, interpret=interpret,
                   layer=_layer_index(layer))
-    return out.sum(axis=0)[: x.shape[0]]  # [M, N]
+    out = out[:, : x.shape[0]]            # [split_k, M, N]
+    return out.sum(axis=0) if sum_splits else out
 
 
 def qmatvec(x: jax.Array, w_data: jax.Array, qtype: gguf.GGMLQuantizationType, n_cols: int, *,
