@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntransformer_jax import model as M
-from ntransformer_jax.kernels import qmatvec
+from ntransformer_jax.kernels import attention, norm, qmatvec
 from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError
 from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, TensorInfo
 from ntransformer_jax.sampling import SamplingParams, sample
@@ -219,9 +219,14 @@ class Engine:
         infos = [f.layer_tensor(i, s) for i in range(self.config.n_layers) for s in LAYER_TENSORS]
         infos += [f.tensors[n] for n in ("token_embd.weight", "output.weight") if n in f.tensors]
         types = sorted({int(t.qtype) for t in infos if t.qtype in qmatvec.SUPPORTED_TYPES})
+        cfg, interpret = self.config, self.kernels == "interpret"
         try:
             for t in types:
-                qmatvec.self_test(gguf.GGMLQuantizationType(t), interpret=self.kernels == "interpret")
+                qmatvec.self_test(gguf.GGMLQuantizationType(t), interpret=interpret)
+            if attention.supports(1, cfg.n_head, cfg.n_kv_head, cfg.head_dim):
+                attention.self_test(cfg.n_head, cfg.n_kv_head, cfg.head_dim, interpret=interpret)
+            if norm.supports(1, cfg.n_embd):
+                norm.self_test(cfg.n_embd, interpret=interpret)
         except Exception as e:   # noqa: BLE001 -- any compile or runtime failure means "no kernels"
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             if explicit:

@@ -15,14 +15,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Sequence
 
-from ntransformer_jax import model as M
 from ntransformer_jax.chat import KEY_CHAT_TEMPLATE
 from ntransformer_jax.errors import InputError
-from ntransformer_jax.model_file import LAYER_TENSORS, ModelFile
-from ntransformer_jax.placement import (device_working_set, is_layered, layer_nbytes, layer_span, plan_for,
-                                        staging_bytes)
+from ntransformer_jax.model_file import ModelFile
+from ntransformer_jax.placement import is_layered, plan_for
 from ntransformer_jax.tiers import Plan, TierOptions, available_ram
 from ntransformer_jax.tokenizer import KEY_MODEL, KEY_PRE, KEY_TOKENS
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntransformer_jax import quants
+from ntransformer_jax.kernels import attention as attention_kernel
 from ntransformer_jax.kernels import norm, qmatvec
 from ntransformer_jax.model_file import LlamaConfig
 from ntransformer_jax.sampling import SamplingParams, sample
@@ -373,7 +374,7 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
     pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (b,))
     positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]   # [B, T]
 
-    kernel = w.attn_output.kernel          # the norms take a kernel where the matrices do
+    kernel = w.attn_output.kernel   # norms and attention take kernels where the matrices do
     norm_layer = layer if norms_stacked else None
 
     # Attention: norm, project, rotate, write the cache, attend, project back.
@@ -389,15 +390,20 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
     k = apply_rope(k, positions, inv_freq)
     if layer is None:
         write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (p, 0, 0)))
-        cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
-        mine = cache
     else:
         write = jax.vmap(
             lambda c, new, p: jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, p, 0, 0)),
             in_axes=(1, 0, 0), out_axes=1)
-        cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
-        mine = KVCache(*(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache))
-    attn = attention(q, mine, positions).reshape(b, t, cfg.q_dim)
+    cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
+    if kernel and attention_kernel.supports(t, cfg.n_head, cfg.n_kv_head, cfg.head_dim):
+        # One kernel over the (stacked) cache in place, where XLA would copy the layer's cache out.
+        attn = attention_kernel.decode_attention(q, cache.k, cache.v, positions, layer=layer,
+                                                 interpret=kernel == "interpret")
+    else:
+        mine = cache if layer is None else KVCache(
+            *(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache))
+        attn = attention(q, mine, positions)
+    attn = attn.reshape(b, t, cfg.q_dim)
 
     # Feed-forward: residual add and norm in one, then SwiGLU.
     x, h = add_norm(x, linear_parts(attn, w.attn_output), w.ffn_norm, cfg.rms_eps, kernel, norm_layer)

@@ -122,6 +122,36 @@ def _is_pow2(n: int) -> bool:
     return isinstance(n, int) and n > 0 and n & (n - 1) == 0
 
 
+def supports(n_tokens: int, n_head: int, n_kv_head: int, head_dim: int) -> bool:
+    """Whether `decode_attention` takes T = n_tokens queries of these head counts and size."""
+    return (1 <= n_tokens <= MAX_QUERIES and n_kv_head >= 1 and n_head % n_kv_head == 0
+            and _is_pow2(head_dim) and head_dim >= MIN_TILE)
+
+
+@functools.lru_cache(maxsize=None)
+def self_test(n_head: int, n_kv_head: int, head_dim: int, interpret: bool = False) -> None:
+    """Compile and run the kernel once for these heads (one and eight queries, a stacked cache
+    whose rows past the positions hold NaN) against `decode_attention_reference`; once per
+    process and shape. Raises what compiling or running raises, or NTransformerError when the
+    result is wrong (a caller can then fall back to XLA)."""
+    from ntransformer_jax.errors import NTransformerError
+    import numpy as np
+    rng = np.random.default_rng(0)
+    s = 80
+    for t in (1, MAX_QUERIES):
+        q = jnp.asarray(rng.standard_normal((1, t, n_head, head_dim)), jnp.float32)
+        kv = rng.standard_normal((2, 2, 1, s, n_kv_head, head_dim)).astype(np.float32)
+        kv[:, :, :, 40 + t:] = np.nan
+        k, v = jnp.asarray(kv[0]), jnp.asarray(kv[1])
+        positions = jnp.arange(40, 40 + t, dtype=jnp.int32)[None]
+        got = np.asarray(decode_attention(q, k, v, positions, layer=jnp.int32(1), interpret=interpret))
+        want = np.asarray(decode_attention_reference(q, k, v, positions, layer=1))
+        err = float(np.max(np.abs(got - want)))
+        if not err <= 1e-4:
+            raise NTransformerError(f"decode_attention self-test (N={n_head}, K={n_kv_head},"
+                                    f" H={head_dim}, T={t}): max error {err:.3g}")
+
+
 def _check_heads(q_shape: tuple[int, ...], cache_shape: tuple[int, ...]) -> None:
     """T in range and N a multiple of K (checks the reference shares)."""
     t, n, k = q_shape[1], q_shape[2], cache_shape[2]
@@ -230,16 +260,19 @@ def _attention_kernel(*refs, n_tokens: int, n_groups: int, t_pad: int, g_pad: in
                     seq_len=seq_len, block_s=block_s, split_s=split_s, stacked=stacked)
 
 
+def _unpack_refs(refs, stacked: bool):
+    """(leading cache index: (layer,) or (), positions, q, k, v, output refs) of a program."""
+    lead = (refs[0][0],) if stacked else ()
+    pos_ref, q_ref, k_ref, v_ref, *out_refs = refs[1:] if stacked else refs
+    return lead, pos_ref, q_ref, k_ref, v_ref, out_refs
+
+
 def _row_loop_kernel(*refs, n_tokens: int, n_groups: int, seq_len: int, block_s: int,
                      split_s: int, stacked: bool):
     """`_dot_kernel` for few query rows: each of the T * G rows is its own [H] vector with a
     scalar running max and sum; scores are sum(q * k, axis=1), the update sum(p * v, axis=0),
     so nothing is padded (a dot would need 16 rows)."""
-    lead = ()
-    if stacked:
-        lead = (refs[0][0],)
-        refs = refs[1:]
-    pos_ref, q_ref, k_ref, v_ref, *out_refs = refs
+    lead, pos_ref, q_ref, k_ref, v_ref, out_refs = _unpack_refs(refs, stacked)
     head_dim = q_ref.shape[-1]
     rows = [(t, g) for t in range(n_tokens) for g in range(n_groups)]
     scale = jnp.float32(1.0 / math.sqrt(head_dim))
@@ -280,11 +313,7 @@ def _dot_kernel(*refs, n_tokens: int, n_groups: int, t_pad: int, g_pad: int,
     f32, k and v [S, H] (or [L, S, H]); then either o [T, G, H] (split_s = 1) or the partials
     acc [T, G, H], m [T, G], l [T, G] of this split.
     """
-    lead = ()
-    if stacked:
-        lead = (refs[0][0],)
-        refs = refs[1:]
-    pos_ref, q_ref, k_ref, v_ref, *out_refs = refs
+    lead, pos_ref, q_ref, k_ref, v_ref, out_refs = _unpack_refs(refs, stacked)
     head_dim = q_ref.shape[-1]
     rows = t_pad * g_pad
     padded = (t_pad, g_pad) != (n_tokens, n_groups)

@@ -121,3 +121,23 @@ def add_rms_norm_reference(x: jax.Array, parts: jax.Array | None, weight: jax.Ar
     ms = jnp.mean(jnp.square(x1), axis=-1, keepdims=True)
     h = x1 * lax.rsqrt(ms + eps) * w
     return h if parts is None else (x1, h)
+
+
+@functools.lru_cache(maxsize=None)
+def self_test(width: int, interpret: bool = False) -> None:
+    """Compile and run the kernel once for rows of `width` (with and without parts, a stacked
+    weight) against `add_rms_norm_reference`; once per process and width. Raises what compiling
+    or running raises, or NTransformerError when the result is wrong."""
+    import numpy as np
+    from ntransformer_jax.errors import NTransformerError
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, width)), jnp.float32)
+    parts = jnp.asarray(rng.standard_normal((2, 2, width)), jnp.float32)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, (3, width)), jnp.float32)
+    for p in (parts, None):
+        got = add_rms_norm(x, p, w, 1e-5, layer=jnp.int32(2), interpret=interpret)
+        want = add_rms_norm_reference(x, p, w, 1e-5, layer=2)
+        got, want = (got, want) if p is not None else ((got,), (want,))
+        err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(got, want))
+        if not err <= 1e-4:
+            raise NTransformerError(f"add_rms_norm self-test (D={width}): max error {err:.3g}")
