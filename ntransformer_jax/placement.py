@@ -76,8 +76,8 @@ def plan_for(f: ModelFile, ctx_size: int, options: TierOptions, free_vram: int |
       prefill_chunk: the engine's largest prefill chunk (sizes the activation workspace).
       packed: the decode kernels are on: matrices take `qmatvec.repack`'s size.
     Returns:
-      The `Plan`; with streaming="mmap" every non-resident layer is "disk" and no host memory is
-      planned (the naive baseline reads the memory map on use).
+      The `Plan`; with streaming="mmap" every non-resident layer is "disk" and the host holds
+      only the one staging buffer that the naive baseline copies each layer through.
     Raises:
       InputError: the working set does not fit the budgets.
     """
@@ -87,9 +87,9 @@ def plan_for(f: ModelFile, ctx_size: int, options: TierOptions, free_vram: int |
     plan = plan_placement(layer_bytes, device_working_set(f, ctx_size, prefill_chunk, packed), staging,
                           options, free_vram, avail_ram, slot_bytes=max(layer_bytes))
     if options.streaming == "mmap":
+        tiers = tuple("vram" if t == "vram" else "disk" for t in plan.tiers)
         plan = dataclasses.replace(
-            plan, tiers=tuple("vram" if t == "vram" else "disk" for t in plan.tiers),
-            host_working_set={})
+            plan, tiers=tiers, host_working_set={"staging": staging} if "disk" in tiers else {})
     return plan
 
 
