@@ -175,7 +175,7 @@ def _linear_split(x: jax.Array, w: QTensor) -> list[jax.Array]:
     kernel launch for all parts; longer passes multiply each part on its own (its rows
     sliced out of the packed arrays), which keeps each dequantized matrix as small as before."""
     edges = np.cumsum((0, *w.splits)).tolist()
-    if w.kernel and int(np.prod(x.shape[:-1])) <= qmatvec.MAX_ROWS:
+    if _takes_kernel(x, w):
         return jnp.split(linear(x, w), edges[1:-1], axis=-1)
     return [linear(x, w.with_arrays(lambda a, s=s, e=e: a[s:e]))
             for s, e in zip(edges, edges[1:])]
@@ -254,10 +254,8 @@ def linear(x: jax.Array, w: QTensor) -> jax.Array:
     rows, cols = w.shape
     lead = x.shape[:-1]
     m = int(np.prod(lead))
-    if w.kernel and 1 <= m <= qmatvec.MAX_ROWS:
-        y = qmatvec.qmatvec_packed(x.reshape(m, cols), w.data, w.qtype, cols,
-                                   interpret=w.kernel == "interpret", layer=w.index)
-        return y.reshape(*lead, rows)
+    if _takes_kernel(x, w):
+        return _kernel_linear(x, w, sum_splits=True)
     w = w.unstacked()
     if w.matmul == "bf16" and m > qmatvec.MAX_ROWS:
         x = x.astype(jnp.bfloat16)
@@ -273,17 +271,26 @@ def linear(x: jax.Array, w: QTensor) -> jax.Array:
     return jnp.moveaxis(out, 0, -2).reshape(*lead, rows)
 
 
+def _takes_kernel(x: jax.Array, w: QTensor) -> bool:
+    """Whether `linear` sends x [..., in] through the fused decode kernel (packed w, 1 to
+    `qmatvec.MAX_ROWS` rows)."""
+    return bool(w.kernel) and 1 <= int(np.prod(x.shape[:-1])) <= qmatvec.MAX_ROWS
+
+
+def _kernel_linear(x: jax.Array, w: QTensor, sum_splits: bool) -> jax.Array:
+    """The fused kernel on x [..., in]: [..., out], or [P, ..., out] K-split partial sums."""
+    rows, cols = w.shape
+    lead = x.shape[:-1]
+    y = qmatvec.qmatvec_packed(x.reshape(-1, cols), w.data, w.qtype, cols,
+                               interpret=w.kernel == "interpret", layer=w.index,
+                               sum_splits=sum_splits)
+    return y.reshape(*y.shape[:-2], *lead, rows)
+
+
 def linear_parts(x: jax.Array, w: QTensor) -> jax.Array:
     """`linear` with the fused kernel's K-split partial sums left unsummed: [P, ..., out] (P = 1
     off the kernel path), for a consumer that adds them itself (`add_norm`)."""
-    rows, cols = w.shape
-    lead = x.shape[:-1]
-    m = int(np.prod(lead))
-    if w.kernel and 1 <= m <= qmatvec.MAX_ROWS:
-        y = qmatvec.qmatvec_packed(x.reshape(m, cols), w.data, w.qtype, cols,
-                                   interpret=w.kernel == "interpret", layer=w.index, sum_splits=False)
-        return y.reshape(y.shape[0], *lead, rows)
-    return linear(x, w)[None]
+    return _kernel_linear(x, w, sum_splits=False) if _takes_kernel(x, w) else linear(x, w)[None]
 
 
 def add_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: float,

@@ -498,18 +498,17 @@ class ModelFile:
     def release_pages(self) -> None:
         """Tell the kernel this process no longer needs the mapped pages it touched (they stay in
         the page cache, but leave this process's RSS); later reads of the map fault them back."""
-        if self._buffer is not None and hasattr(self._buffer, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                self._buffer.madvise(mmap.MADV_DONTNEED)
-            except OSError:
-                pass   # advisory only
+        if self._buffer is not None:
+            self.release_range(0, len(self._buffer))
 
     def release_range(self, offset: int, length: int) -> None:
-        """`release_pages` for the bytes [offset, offset + length) only (whole pages inside it)."""
+        """`release_pages` for the bytes [offset, offset + length) only (whole pages inside it,
+        and the map's last partial page when the range reaches the end)."""
         if self._buffer is None or not hasattr(self._buffer, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-        end = min((offset + length) // mmap.PAGESIZE * mmap.PAGESIZE, len(self._buffer))
+        end = (len(self._buffer) if offset + length >= len(self._buffer)
+               else (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE)
         if end > start:
             try:
                 self._buffer.madvise(mmap.MADV_DONTNEED, start, end - start)

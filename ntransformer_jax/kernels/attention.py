@@ -53,6 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ntransformer_jax.errors import InputError
+from ntransformer_jax.kernels import qmatvec as qm
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -422,7 +423,7 @@ def _launch(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax
         in_specs += out_specs
         operands += list(out_init)
         aliases = {n_in + j: j for j in range(len(out_init))}
-        kernel = _drop_args(kernel, n_in, len(out_init))
+        kernel = qm._drop_args(kernel, n_in, len(out_init))
     return tuple(pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -436,13 +437,6 @@ def _launch(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax
     )(*operands))
 
 
-def _drop_args(fn, start: int, count: int):
-    """`fn` without the positional arguments [start, start + count) (aliased input buffers)."""
-    def wrapped(*args):
-        return fn(*args[:start], *args[start + count:])
-    return wrapped
-
-
 def combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     """Merge split partials (leading axis) of an online softmax: sum_i w_i acc_i / sum_i w_i l_i
     with w_i = exp(m_i - max_i m_i)."""
@@ -450,13 +444,6 @@ def combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
     w = jnp.exp(m - m_max)
     return jnp.sum(w[..., None] * acc, axis=0) / jnp.sum(w * l, axis=0)[..., None]
-
-
-def _layer_index(layer) -> jax.Array:
-    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
-        raise InputError(f"layer must be an integer scalar, got {jnp.result_type(layer)}"
-                         f" {list(jnp.shape(layer))}")
-    return jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 def _check_inputs(q, k_cache, v_cache, positions, layer) -> tuple[int, ...]:
@@ -515,7 +502,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     """
     cache_shape = _check_inputs(q, k_cache, v_cache, positions, layer)
     p = plan(tuple(q.shape), cache_shape, block_sizes)
-    layer_idx = None if layer is None else _layer_index(layer)
+    layer_idx = qm._layer_index(layer)
     out = _launch(q, k_cache, v_cache, positions.astype(jnp.int32), p, layer=layer_idx,
                   interpret=interpret)
     if len(out) == 3:
@@ -534,7 +521,7 @@ def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
     q, k, v, positions = (jnp.asarray(a) for a in (q, k_cache, v_cache, positions))
     cache_shape = _check_inputs(q, k, v, positions, layer)
     if layer is not None:
-        index = _layer_index(layer)[0]
+        index = qm._layer_index(layer)[0]
         k = lax.dynamic_index_in_dim(k, index, 0, keepdims=False)
         v = lax.dynamic_index_in_dim(v, index, 0, keepdims=False)
     b, t, n, h = q.shape

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ntransformer_jax.errors import InputError
+from ntransformer_jax.kernels import qmatvec as qm
 
 MAX_ROWS = 8
 
@@ -97,7 +98,7 @@ def add_rms_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: 
         operands.insert(1, parts)
     if layer is not None:
         in_specs.insert(0, pl.BlockSpec((1,), lambda i: (0,)))
-        operands.insert(0, jnp.asarray(layer, jnp.int32).reshape(1))
+        operands.insert(0, qm._layer_index(layer))
     n_out = 1 if parts is None else 2
     out = pl.pallas_call(
         functools.partial(_kernel, eps=float(eps), stacked=layer is not None, has_parts=parts is not None),

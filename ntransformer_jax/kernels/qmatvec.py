@@ -645,7 +645,7 @@ def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Form
                                blocks=bs.block_k // fmt.block, n_chunks=p.n_chunks,
                                m_rows=p.m_padded, stacked=stacked)
     if out_init is not None:
-        kernel = _drop_arg(kernel, -2)
+        kernel = _drop_args(kernel, len(operands) - 1)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bs.split_k, p.m_padded, n_rows), jnp.float32),
@@ -659,12 +659,11 @@ def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Form
     )(*operands)
 
 
-def _drop_arg(fn: Callable[..., None], index: int) -> Callable[..., None]:
-    """`fn` with the positional argument at `index` removed (the aliased input buffer)."""
+def _drop_args(fn: Callable[..., None], start: int, count: int = 1) -> Callable[..., None]:
+    """`fn` without the positional arguments [start, start + count), start >= 0 (aliased input
+    buffers, which a kernel sees again as its outputs)."""
     def wrapped(*args):
-        args = list(args)
-        del args[index]
-        return fn(*args)
+        return fn(*args[:start], *args[start + count:])
     return wrapped
 
 
