@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntransformer_jax import model as M
-from ntransformer_jax.kernels import attention, norm, qmatvec
+from ntransformer_jax.kernels import attention, norm, qmatvec, rope_cache
 from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError
 from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, TensorInfo
 from ntransformer_jax.sampling import SamplingParams, sample
@@ -225,6 +225,8 @@ class Engine:
                 qmatvec.self_test(gguf.GGMLQuantizationType(t), interpret=interpret)
             if attention.supports(1, cfg.n_head, cfg.n_kv_head, cfg.head_dim):
                 attention.self_test(cfg.n_head, cfg.n_kv_head, cfg.head_dim, interpret=interpret)
+            if rope_cache.supports(1, cfg.n_head, cfg.n_kv_head, cfg.head_dim):
+                rope_cache.self_test(cfg.n_head, cfg.n_kv_head, cfg.head_dim, interpret=interpret)
             if norm.supports(1, cfg.n_embd):
                 norm.self_test(cfg.n_embd, interpret=interpret)
         except Exception as e:   # noqa: BLE001 -- any compile or runtime failure means "no kernels"
@@ -471,7 +473,7 @@ class Engine:
         if not self.layered:
             nxt, self._caches, key, recent = M.decode_step(
                 self.config, params, self.segments, self.globals, self._caches, token,
-                jnp.asarray(pos, jnp.int32), key, recent)
+                np.asarray(pos, np.int32), key, recent)   # numpy: no dispatch of its own
             return nxt, key, recent
         x = self._run_layered(M.embed_jit(self.globals.token_embd, token[:, None]), pos)
         return M.head_sample(self.config.rms_eps, params, self.globals.output_norm,
@@ -560,7 +562,7 @@ class Engine:
             if step == 0:
                 # The clock for decode speed starts when the first token is known, so the
                 # interval holds exactly one decode step per later token.
-                token = int(pending[0])
+                token = int(np.asarray(pending)[0])   # a copy, not an indexing dispatch
                 t_gen = time.perf_counter()
                 stats.prompt_seconds = t_gen - t0
                 s0 = dataclasses.replace(self.streamer.stats) if self.streamer else None
@@ -570,7 +572,7 @@ class Engine:
             if more:
                 nxt, key, recent = self._decode(params, pending, pos, key, recent)
             if step > 0:
-                token = int(pending[0])
+                token = int(np.asarray(pending)[0])   # a copy, not an indexing dispatch
             stats.generated_tokens += 1
             stats.generate_seconds = time.perf_counter() - t_gen
             if s0 is not None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ntransformer_jax import quants
 from ntransformer_jax.kernels import attention as attention_kernel
-from ntransformer_jax.kernels import norm, qmatvec
+from ntransformer_jax.kernels import norm, qmatvec, rope_cache
 from ntransformer_jax.model_file import LlamaConfig
 from ntransformer_jax.sampling import SamplingParams, sample
 
@@ -386,41 +386,71 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
 
     # Attention: norm, project, rotate, write the cache, attend, project back.
     h = add_norm(x, None, w.attn_norm, cfg.rms_eps, kernel, norm_layer)
-    if w.attn_k is None:         # q, k and v fused by rows (see pack_layer)
-        q, k, v = _linear_split(h, w.attn_q)
-    else:
-        q, k, v = linear(h, w.attn_q), linear(h, w.attn_k), linear(h, w.attn_v)
-    q = q.reshape(b, t, cfg.n_head, cfg.head_dim)
-    k = k.reshape(b, t, cfg.n_kv_head, cfg.head_dim)
-    v = v.reshape(b, t, cfg.n_kv_head, cfg.head_dim)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    if layer is None:
-        write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (p, 0, 0)))
-    else:
-        write = jax.vmap(
-            lambda c, new, p: jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, p, 0, 0)),
-            in_axes=(1, 0, 0), out_axes=1)
-    cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
-    if kernel and attention_kernel.supports(t, cfg.n_head, cfg.n_kv_head, cfg.head_dim):
-        # One kernel over the (stacked) cache in place, where XLA would copy the layer's cache out.
+    if _fused_attention(cfg, w, h):
+        # Kernels only: the q/k/v partial sums go straight to one kernel that adds them, rotates
+        # q and k and writes the cache in place, then one kernel attends over the cache in place.
+        parts = linear_parts(h, w.attn_q)
+        q, k_new, v_new = rope_cache.rope_cache_write(
+            parts.reshape(parts.shape[0], b * t, -1), positions, inv_freq, cache.k, cache.v,
+            n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, layer=layer,
+            interpret=kernel == "interpret")
+        cache = KVCache(k_new, v_new)
         attn = attention_kernel.decode_attention(q, cache.k, cache.v, positions, layer=layer,
                                                  interpret=kernel == "interpret")
     else:
-        mine = cache if layer is None else KVCache(
-            *(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache))
-        attn = attention(q, mine, positions)
+        if w.attn_k is None:         # q, k and v fused by rows (see pack_layer)
+            q, k, v = _linear_split(h, w.attn_q)
+        else:
+            q, k, v = linear(h, w.attn_q), linear(h, w.attn_k), linear(h, w.attn_v)
+        q = q.reshape(b, t, cfg.n_head, cfg.head_dim)
+        k = k.reshape(b, t, cfg.n_kv_head, cfg.head_dim)
+        v = v.reshape(b, t, cfg.n_kv_head, cfg.head_dim)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if layer is None:
+            write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (p, 0, 0)))
+        else:
+            write = jax.vmap(
+                lambda c, new, p: jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, p, 0, 0)),
+                in_axes=(1, 0, 0), out_axes=1)
+        cache = KVCache(write(cache.k, k, pos), write(cache.v, v, pos))
+        if kernel and attention_kernel.supports(t, cfg.n_head, cfg.n_kv_head, cfg.head_dim):
+            # One kernel over the (stacked) cache in place, where XLA would copy the layer's cache out.
+            attn = attention_kernel.decode_attention(q, cache.k, cache.v, positions, layer=layer,
+                                                     interpret=kernel == "interpret")
+        else:
+            mine = cache if layer is None else KVCache(
+                *(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache))
+            attn = attention(q, mine, positions)
     attn = attn.reshape(b, t, cfg.q_dim)
 
     # Feed-forward: residual add and norm in one, then SwiGLU.
     x, h = add_norm(x, linear_parts(attn, w.attn_output), w.ffn_norm, cfg.rms_eps, kernel, norm_layer)
-    if w.ffn_up is None:         # gate and up fused by rows
-        gate, up = _linear_split(h, w.ffn_gate)
+    if w.ffn_up is None and _takes_kernel(h, w.ffn_gate) and qmatvec.supports_glu(
+            w.ffn_gate.qtype, *w.ffn_gate.shape):
+        # gate, up and silu(gate) * up in one launch
+        g = w.ffn_gate
+        ff = qmatvec.qmatvec_glu_packed(h.reshape(b * t, -1), g.data, g.qtype, g.n_cols,
+                                        interpret=g.kernel == "interpret", layer=g.index)
+        ff = ff.reshape(b, t, -1)
     else:
-        gate, up = linear(h, w.ffn_gate), linear(h, w.ffn_up)
-    ff = jax.nn.silu(gate) * up
+        if w.ffn_up is None:         # gate and up fused by rows
+            gate, up = _linear_split(h, w.ffn_gate)
+        else:
+            gate, up = linear(h, w.ffn_gate), linear(h, w.ffn_up)
+        ff = jax.nn.silu(gate) * up
     x = x + linear(ff, w.ffn_down)
     return x, cache
+
+
+def _fused_attention(cfg: LlamaConfig, w: LayerWeights, h: jax.Array) -> bool:
+    """Whether the block takes the kernel path from the q/k/v projection to the attention
+    output (q/k/v fused and packed, decode-sized h, heads the rope/cache and attention kernels
+    take)."""
+    t = h.shape[1]
+    return (w.attn_k is None and _takes_kernel(h, w.attn_q)
+            and rope_cache.supports(t, cfg.n_head, cfg.n_kv_head, cfg.head_dim)
+            and attention_kernel.supports(t, cfg.n_head, cfg.n_kv_head, cfg.head_dim))
 
 
 # One layer, jitted once per weight-type signature: the streaming path calls it per layer with

@@ -286,3 +286,49 @@ def test_self_test_passes_and_catches_a_wrong_result(monkeypatch):
                         jnp.zeros((x.shape[0], packed[0].shape[0]), jnp.float32))
     with pytest.raises(NTransformerError, match="self-test for Q4_0: relative error"):
         qm.self_test.__wrapped__(T.Q4_0, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m_rows,stacked", [(1, True), (3, False), (8, True)])
+def test_glu_matches_float64(seed, qtype, m_rows, stacked):
+    """`qmatvec_glu_packed` on [gate; up] stacked by rows gives silu(x G^T) * (x U^T), checked
+    in float64 on gguf-py's dequantization (layers distinct, the one asked for read)."""
+    rng = np.random.default_rng(seed)
+    n_ff, n_cols = 64, 512
+    ws = [random_weight(rng, qtype, 2 * n_ff, n_cols) for _ in range(3 if stacked else 1)]
+    packed = [qm.repack(w, qtype) for w in ws]
+    arrays = tuple(jnp.stack(a) for a in zip(*packed)) if stacked else packed[0]
+    x = random_x(rng, m_rows, n_cols, jnp.float32)
+    layer = 1 if stacked else 0
+    y = qm.qmatvec_glu_packed(x, arrays, qtype, n_cols, interpret=INTERPRET,
+                              layer=jnp.int32(layer) if stacked else None)
+    w = gguf.quants.dequantize(ws[layer], qtype).astype(np.float64)
+    x64 = np.asarray(x, np.float64)
+    g, u = x64 @ w[:n_ff].T, x64 @ w[n_ff:].T
+    with np.errstate(over="ignore"):
+        want = g / (1 + np.exp(-g)) * u
+    # the error of g and u (RTOL of |x| |W|^T each) carried through silu(g) * u
+    gs, us = np.abs(x64) @ np.abs(w[:n_ff]).T, np.abs(x64) @ np.abs(w[n_ff:]).T
+    bound = RTOL * (gs * 1.1 * np.abs(u) + np.abs(g) * us) + 1e-6 * np.abs(want)
+    assert y.shape == (m_rows, n_ff) and y.dtype == jnp.float32
+    err = np.abs(np.asarray(y, np.float64) - want)
+    assert np.all(err <= bound), f"seed={seed}: max error {err.max():.3g}"
+
+
+def test_glu_tiling_and_bad_inputs():
+    """The GLU tiling halves the plain row tile and never splits K; odd rows, a K-split and a
+    row count no tile divides are refused with a named error."""
+    bs = qm.BlockSizes.get_default(T.Q8_0, 28672, 8192)
+    glu = qm.glu_block_sizes(T.Q8_0, 28672, 8192)
+    assert glu.split_k == 1 and glu.block_n == max(bs.block_n // 2, qm.MIN_BLOCK_N)
+    assert qm.supports_glu(T.Q4_0, 2 * 14336, 4096) and not qm.supports_glu(T.Q4_0, 2 * 12, 4096)
+    w = random_weight(np.random.default_rng(0), T.Q8_0, 64, 256)
+    packed = qm.repack(w, T.Q8_0)
+    x = jnp.ones((1, 256), jnp.float32)
+    with pytest.raises(InputError, match="split_k=1"):
+        qm.qmatvec_glu_packed(x, packed, T.Q8_0, 256, interpret=True,
+                              block_sizes=qm.BlockSizes(block_n=8, block_k=128, split_k=2))
+    odd = qm.repack(random_weight(np.random.default_rng(0), T.Q8_0, 40, 256), T.Q8_0)
+    with pytest.raises(InputError, match="multiple of block_n"):
+        qm.qmatvec_glu_packed(x, odd, T.Q8_0, 256, interpret=True,
+                              block_sizes=qm.BlockSizes(block_n=16, block_k=256))

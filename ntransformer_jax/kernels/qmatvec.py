@@ -518,19 +518,22 @@ def dequantize_packed(packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizatio
 # ---------------------------------------------------------------------------------------------
 
 def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: int,
-                    m_rows: int, stacked: bool):
+                    m_rows: int, stacked: bool, glu: bool = False):
     """One program: rows [block_n] of the output, over chunks [c0, c0 + n_chunks) of K.
 
     refs: with `stacked`, first a [1] int32 layer index; then the packed weight arrays (tiles
     [block_n, K / block, ...], or [L, block_n, K / block, ...] of which the program reads
-    the layer's), the x arrays ([Mp, K / block, ...]), then o_ref: [Mp, block_n] f32 partial
-    sums of this K-split.
+    the layer's), with `glu` a second set of the same arrays (the up rows matching the gate
+    rows of the first), the x arrays ([Mp, K / block, ...]), then o_ref: [Mp, block_n] f32
+    partial sums of this K-split, or with `glu` silu(gate) * up.
     """
     lead = (slice(None),)
     if stacked:
         lead = (refs[0][0], slice(None))
         refs = refs[1:]
-    w_refs, x_refs, o_ref = refs[:n_weights], refs[n_weights:-1], refs[-1]
+    n_sets = 2 if glu else 1
+    w_refs, x_refs, o_ref = refs[:n_weights * n_sets], refs[n_weights * n_sets:-1], refs[-1]
+    sets = [w_refs[i * n_weights:(i + 1) * n_weights] for i in range(n_sets)]
     chunk0 = pl.program_id(1) * n_chunks
 
     def tile(ref, lead, start):
@@ -539,15 +542,21 @@ def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: 
 
     def step(i, acc):
         start = pl.multiple_of((chunk0 + i) * blocks, blocks)
-        unpacked = fmt.unpack(*(tile(r, lead, start) for r in w_refs))
-        return tuple(a + fmt.dot(unpacked, tuple(tile(r, (m,), start) for r in x_refs))
-                     for m, a in enumerate(acc))
+        xs = [tuple(tile(r, (m,), start) for r in x_refs) for m in range(m_rows)]
+        new = []
+        for j, refs_j in enumerate(sets):
+            unpacked = fmt.unpack(*(tile(r, lead, start) for r in refs_j))
+            new.extend(acc[j * m_rows + m] + fmt.dot(unpacked, xs[m]) for m in range(m_rows))
+        return tuple(new)
 
     block_n = o_ref.shape[-1]
-    zeros = tuple(jnp.zeros((block_n, blocks), jnp.float32) for _ in range(m_rows))
+    zeros = tuple(jnp.zeros((block_n, blocks), jnp.float32) for _ in range(m_rows * n_sets))
     acc = lax.fori_loop(0, n_chunks, step, zeros)
     for m in range(m_rows):
-        o_ref[m, :] = jnp.sum(acc[m], axis=1)
+        y = jnp.sum(acc[m], axis=1)
+        if glu:   # silu(gate) * up, silu(g) = g * sigmoid(g)
+            y = y / (1.0 + jnp.exp(-y)) * jnp.sum(acc[m_rows + m], axis=1)
+        o_ref[m, :] = y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,31 +617,41 @@ def _whole(a: jax.Array) -> pl.BlockSpec:
     return pl.BlockSpec(a.shape, lambda n, s: (0,) * a.ndim)
 
 
-def _row_tile(a: jax.Array, block_n: int, stacked: bool, grid_axis: int = 0) -> pl.BlockSpec:
+def _row_tile(a: jax.Array, block_n: int, stacked: bool, grid_axis: int = 0,
+              offset: int = 0) -> pl.BlockSpec:
     """Row tile `block_n` of packed array `a`, all of K; the tile index is grid axis
-    `grid_axis` (qmatmul's grid has its row tiles on axis 1)."""
+    `grid_axis` (qmatmul's grid has its row tiles on axis 1) plus `offset` tiles."""
     if stacked:   # every layer's rows of the tile; the kernel picks the layer
         return pl.BlockSpec((a.shape[0], block_n, *a.shape[2:]),
-                            lambda *ids: (0, ids[grid_axis]) + (0,) * (a.ndim - 2))
+                            lambda *ids: (0, ids[grid_axis] + offset) + (0,) * (a.ndim - 2))
     return pl.BlockSpec((block_n, *a.shape[1:]),
-                        lambda *ids: (ids[grid_axis],) + (0,) * (a.ndim - 1))
+                        lambda *ids: (ids[grid_axis] + offset,) + (0,) * (a.ndim - 1))
 
 
 def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Format, p: Plan, *,
             interpret: bool, out_init: jax.Array | None = None,
-            layer: jax.Array | None = None) -> jax.Array:
+            layer: jax.Array | None = None, glu: bool = False) -> jax.Array:
     """Run the kernel on the x arrays `xs`; returns the partial sums [split_k, Mp, N] f32.
 
     `layer`: with packed arrays stacked on a leading layer axis, the [1] int32 index of the one
     to use (read inside the kernel, so no slice of the stack is ever copied).
     `out_init`, if given, is the output buffer's starting content (tests poison it with NaN).
+    `glu`: the packed rows are gate (first half) and up (second half) of a feed-forward; each
+    program reads a tile of both and writes silu(gate) * up: [1, Mp, N / 2] (split_k must be 1).
     """
     bs = p.block_sizes
     stacked = layer is not None
     n_rows = packed[0].shape[1 if stacked else 0]
+    out_rows = n_rows // 2 if glu else n_rows
     out_spec = pl.BlockSpec((None, p.m_padded, bs.block_n), lambda n, s: (s, 0, n))
-    in_specs = [_row_tile(a, bs.block_n, stacked) for a in packed] + [_whole(a) for a in xs]
-    operands = [*packed, *xs]
+    in_specs = [_row_tile(a, bs.block_n, stacked) for a in packed]
+    operands = [*packed]
+    if glu:   # the same arrays again, tiles offset to the up rows
+        in_specs += [_row_tile(a, bs.block_n, stacked, offset=out_rows // bs.block_n)
+                     for a in packed]
+        operands += packed
+    in_specs += [_whole(a) for a in xs]
+    operands += xs
     if stacked:
         in_specs.insert(0, _whole(layer))
         operands.insert(0, layer)
@@ -643,19 +662,19 @@ def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Form
         aliases = {len(operands) - 1: 0}
     kernel = functools.partial(_qmatvec_kernel, fmt=fmt, n_weights=len(packed),
                                blocks=bs.block_k // fmt.block, n_chunks=p.n_chunks,
-                               m_rows=p.m_padded, stacked=stacked)
+                               m_rows=p.m_padded, stacked=stacked, glu=glu)
     if out_init is not None:
         kernel = _drop_args(kernel, len(operands) - 1)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((bs.split_k, p.m_padded, n_rows), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((bs.split_k, p.m_padded, out_rows), jnp.float32),
         grid=p.grid,
         in_specs=in_specs,
         out_specs=out_spec,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
-        name="qmatvec",
+        name="qmatvec_glu" if glu else "qmatvec",
     )(*operands)
 
 
@@ -743,6 +762,67 @@ def qmatvec_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     return out.sum(axis=0) if sum_splits else out
 
 
+def glu_block_sizes(qtype: gguf.GGMLQuantizationType, n_rows: int, n_cols: int) -> BlockSizes:
+    """The default tiling of `qmatvec_glu_packed` for a gate/up matrix of `n_rows` = 2 F rows:
+    the plain kernel's default for all of it with the row tile halved (a program reads that many
+    gate rows and as many up rows, so it loads what a plain program does) and no K-split (the
+    product needs whole sums)."""
+    bs = BlockSizes.get_default(qtype, n_rows, n_cols)
+    half = n_rows // 2
+    block_n = max(_pow2_divisor(half, max(bs.block_n // 2, MIN_BLOCK_N)), MIN_BLOCK_N)
+    return dataclasses.replace(bs, block_n=block_n, split_k=1)
+
+
+def supports_glu(qtype: object, n_rows: int, n_cols: int) -> bool:
+    """Whether `qmatvec_glu_packed` takes a gate/up matrix [n_rows = 2 F, n_cols] of `qtype`."""
+    if not supports(qtype, n_rows, n_cols) or n_rows % 2:
+        return False
+    try:
+        plan(qtype, 1, n_rows // 2, n_cols, glu_block_sizes(qtype, n_rows, n_cols))
+    except InputError:
+        return False
+    return True
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "n_cols", "block_sizes", "interpret"))
+def qmatvec_glu_packed(x: jax.Array, packed: tuple[jax.Array, ...],
+                       qtype: gguf.GGMLQuantizationType, n_cols: int, *,
+                       block_sizes: BlockSizes | None = None, interpret: bool = False,
+                       layer: jax.Array | None = None) -> jax.Array:
+    """silu(x @ G^T) * (x @ U^T) for a feed-forward whose gate G and up U matrices are stacked
+    by rows in one packed matrix [G; U] (`model.fuse_rows`): SwiGLU's input to the down
+    projection, in one launch (the plain kernel would write both products and XLA would take
+    another kernel for the product).
+
+    Args:
+        x: [M, K] float32 or bfloat16, 1 <= M <= 8.
+        packed: `repack` of the [2 F, K] matrix [G; U], or L of them stacked with `layer`.
+        qtype, n_cols: the GGML type and K (static).
+        block_sizes: tiling, split_k 1; `glu_block_sizes(qtype, 2 F, K)` when None.
+        interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
+        layer: int32 scalar index into stacked matrices, or None.
+
+    Returns:
+        [M, F] float32.
+
+    Raises:
+        InputError: shapes, dtypes or tiling the kernel cannot take (before anything runs).
+    """
+    fmt = _format(qtype)
+    qtype = T(qtype)
+    _check_x(x, n_cols)
+    n_rows = _check_packed(packed, qtype, n_cols, stacked=layer is not None)
+    if n_rows % 2:
+        raise InputError(f"a gate/up matrix has an even number of rows, got {n_rows}")
+    bs = block_sizes or glu_block_sizes(qtype, n_rows, n_cols)
+    if bs.split_k != 1:
+        raise InputError(f"qmatvec_glu_packed takes split_k=1, got {bs.split_k}")
+    p = plan(qtype, x.shape[0], n_rows // 2, n_cols, bs)
+    out = _launch(_x_arrays(x, fmt, p.m_padded), tuple(packed), fmt, p, interpret=interpret,
+                  layer=_layer_index(layer), glu=True)
+    return out[0, : x.shape[0]]
+
+
 def qmatvec(x: jax.Array, w_data: jax.Array, qtype: gguf.GGMLQuantizationType, n_cols: int, *,
             block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
     """y[M, N] = x[M, K] @ W[N, K]^T, W dequantized block by block inside the kernel.
@@ -797,6 +877,19 @@ def self_test(qtype: gguf.GGMLQuantizationType, interpret: bool = False) -> None
     err = np.max(np.abs(y - x @ w64.T) / np.maximum(np.abs(x) @ np.abs(w64).T, 1e-30))
     if not err <= 1e-4:
         raise NTransformerError(f"qmatvec self-test for {qtype.name}: relative error {err:.3g}")
+    # The gate/up form on the same matrix (16 gate rows, 16 up rows).
+    y = np.asarray(qmatvec_glu_packed(jnp.asarray(x), packed, qtype, n_cols, interpret=interpret,
+                                      block_sizes=BlockSizes(block_n=8, block_k=fmt_block(qtype))))
+    g, u = np.split(x @ w64.T, 2, axis=1)
+    want = g / (1 + np.exp(-np.clip(g, -80, 80))) * u
+    err = np.max(np.abs(y - want)) / max(np.max(np.abs(want)), 1e-30)
+    if not err <= 1e-4:
+        raise NTransformerError(f"qmatvec_glu self-test for {qtype.name}: relative error {err:.3g}")
+
+
+def fmt_block(qtype: gguf.GGMLQuantizationType) -> int:
+    """K values per packed block of `qtype` (the smallest block_k it takes)."""
+    return _format(qtype).block
 
 
 def qmatvec_reference(x: jax.Array, w_data: jax.Array, qtype: gguf.GGMLQuantizationType,

@@ -1,0 +1,43 @@
+#!/bin/bash
+# Session-4 resident-path run (one device call): compiled tests of the decode kernels, then the
+# 8B profile and llama-bench-like e2e figures. Results under $OUT. See BUILD.md for the prefix.
+#   STEPS="tests profile e2e variants" QUANTS="Q8_0 Q4_0" bash benchmarks/run_s4.sh
+set -u
+OUT=${OUT:-/tmp/out}
+STEPS=${STEPS:-tests profile e2e}
+QUANTS=${QUANTS:-Q8_0 Q4_0}
+SHAPE=${SHAPE:-8b}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [[ $STEPS == *tests* ]]; then
+    KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_rope_cache.py \
+        2>&1 | tail -2
+    KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+        -k "glu or stacked or self_test" 2>&1 | tail -2
+fi
+if [[ $STEPS == *profile* ]]; then
+    for q in $QUANTS; do
+        timeout 200 python3 benchmarks/profile_decode.py --shape "$SHAPE" --quant "$q" --tokens 32 --top 40 --keep_trace \
+            --out "$OUT/prof-$SHAPE-$q" --workdir /root/models 2>&1 | grep -v "^I1\|^W1" | tail -32
+    done
+fi
+if [[ $STEPS == *variants* ]]; then   # loop unroll 2 and CUDA-graph command buffers, untraced
+    for v in ${VARIANTS:-"2:" "1:+WHILE,+CONDITIONAL" "2:+WHILE,+CONDITIONAL"}; do
+        unroll=${v%%:*}; cb=${v#*:}
+        flags=""; [[ -n $cb ]] && flags="--xla_gpu_enable_command_buffer=$cb --xla_gpu_graph_min_graph_size=1"
+        XLA_FLAGS="$flags" timeout 200 python3 benchmarks/profile_decode.py --shape "$SHAPE" --quant Q8_0 \
+            --tokens 32 --scan_unroll "$unroll" --top 3 --out "$OUT/var-u$unroll${cb:+-cb}" \
+            --workdir /root/models 2>&1 | grep "us/token wall"
+    done
+fi
+if [[ $STEPS == *e2e* ]]; then
+    for q in $QUANTS; do
+        timeout 300 python3 benchmarks/e2e.py --shape "$SHAPE" --quant "$q" --kernels auto --matmul bf16 \
+            --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
+    done
+fi
+if [[ $STEPS == *tiers* ]]; then     # issue 4: spread vs index order, mmap baseline, small RAM budget
+    timeout 560 python3 benchmarks/tiers_bench.py --shape 70b --quant Q4_0 --vram_budget_gb ${VRAM:-24} \
+        --ram_budget_gb 22 --n_decode 8 --index_layout --n_mmap 2 --drop_caches --disk_ram_budget_gb 4 \
+        --n_disk 2 --out "$OUT" --workdir /root/models 2>&1 | grep -v "^I1\|^W1" | tail -30
+fi
