@@ -47,6 +47,11 @@ flags.DEFINE_list("then_quants", [], "After the first model, delete it and run t
 flags.DEFINE_string("single", None, "Internal: run one configuration (JSON) in this process and print JSON.")
 flags.DEFINE_string("out", None, "Folder for JSON.")
 FLAGS = flags.FLAGS
+# The first timed token of a run holds two passes over the streamed layers (the prompt, then the
+# first decode step, dispatched before the first token is read), and the second pass finds the
+# pages the first one read: a cold per-token figure needs a third token.
+flags.register_validator("n_mmap", lambda n: n == 0 or n >= 2,
+                         "--n_mmap must be 0 (skip) or at least 2: the first token is not a cold pass")
 
 
 def rss_gb() -> float:
@@ -65,6 +70,10 @@ def proc_status() -> dict:
         for line in f:
             if line.startswith("MemAvailable:"):
                 out["MemAvailable"] = int(line.split()[1]) * 1024 / 1e9
+    from ntransformer_jax.tiers import pinned_bytes
+    pinned = pinned_bytes()      # ours, to tell apart from pinned memory that JAX/CUDA hold
+    out["pinned_live"] = pinned["live"] / 1e9
+    out["pinned_pool_free_blocks"] = pinned["pool_free_blocks"]
     return out
 
 

@@ -28,6 +28,7 @@ import functools
 import math
 import os
 import threading
+import weakref
 import time
 from typing import Callable, Sequence
 
@@ -266,12 +267,36 @@ def plan_placement(layer_bytes: Sequence[int], device_working_set: dict, staging
 # Tier C readers
 # ---------------------------------------------------------------------------------------------
 
+_pinned_live = [0]   # bytes of pinned buffers from alloc_staging not yet freed
+
+
+def _pinned_freed(n: int) -> None:
+    _pinned_live[0] -= n
+
+
+def pinned_bytes() -> dict:
+    """Pinned host memory of this process as far as we can see it: `live`, bytes of the buffers
+    `alloc_staging` handed out that are still referenced; `pool_free_blocks`, freed blocks
+    cupy's pool still holds (0 without cupy). For host-memory accounting (tiers_bench.py)."""
+    import sys
+    cupy = sys.modules.get("cupy")
+    blocks = 0
+    if cupy is not None:
+        try:
+            blocks = int(cupy.get_default_pinned_memory_pool().n_free_blocks())
+        except Exception:  # noqa: BLE001 - advisory
+            blocks = 0
+    return dict(live=_pinned_live[0], pool_free_blocks=blocks)
+
+
 def alloc_staging(n_bytes: int) -> np.ndarray:
     """A page-aligned uint8 host buffer, pinned (page-locked) when cupy can provide it."""
     try:
         import cupy  # noqa: F401  (present on CUDA machines)
         mem = cupy.cuda.alloc_pinned_memory(n_bytes + ALIGN)
         buf = np.frombuffer(mem, np.uint8, n_bytes + ALIGN)
+        _pinned_live[0] += n_bytes + ALIGN
+        weakref.finalize(buf, _pinned_freed, n_bytes + ALIGN)   # when the last view goes
         off = (-buf.ctypes.data) % ALIGN
         return buf[off:off + n_bytes]   # the view's buffer export keeps `mem` alive, no longer
     except Exception:  # noqa: BLE001 - no cupy / no CUDA driver: plain aligned memory
