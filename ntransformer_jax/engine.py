@@ -354,10 +354,11 @@ class Engine:
             if i in self.resident:
                 return self.resident[i]
             src = self.streamer.sources[i]
-            if src.tier == "mmap":
-                return self.streamer.read_mapped(i)       # copied out of the map to the device
-            tree = src.host_tree if src.tier == "ram" else self._host_layer(i)
-            return jax.device_put(tree, self.device)
+            if src.tier in ("mmap", "disk"):
+                # Through the tier's reader into staging, never from views of the map: a file
+                # truncated under us is a StreamingError, not a SIGBUS.
+                return self.streamer.read_mapped(i)
+            return jax.device_put(src.host_tree, self.device)
         for seg, n in zip(self.segments, self.segment_sizes):
             if i < n:
                 return jax.tree_util.tree_map(lambda a: a[i], seg)

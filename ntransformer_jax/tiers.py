@@ -640,7 +640,8 @@ class Streamer:
                 self._staging_lock.notify()
 
     def read_mapped(self, layer: int):
-        """An mmap-tier layer on the device, copied out of the memory map now (synchronously).
+        """An mmap- or disk-tier layer on the device, read through the tier's reader (out of the
+        memory map, or from the file) into staging and copied now (synchronously).
 
         Raises:
           StreamingError: the model file no longer holds the layer (truncated), naming both.

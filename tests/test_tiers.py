@@ -320,3 +320,36 @@ def test_mmap_staging_is_one_buffer_reused(six_layer_path):
         engine.logits([1, 2, 3])
         engine.logits([4, 5, 6])
         assert len(st._staging) == 1 and st._staging[0].ctypes.data == before and st._free_staging == [0]
+
+
+TRUNCATE_DISK_LAYERWISE = """
+import os, shutil, sys
+import numpy as np
+import ntransformer_jax as nt
+from ntransformer_jax import tiers
+src, path = sys.argv[1], sys.argv[2]
+shutil.copy(src, path)
+ids = [1, 17, 42]
+want = nt.load(src, ctx_size=32).logits_layerwise(ids)
+engine = nt.load(path, ctx_size=32, max_vram_layers=0, max_ram_layers=0)
+assert engine.placement == ["disk"] * engine.config.n_layers, engine.placement
+np.testing.assert_array_equal(engine.logits_layerwise(ids), want)
+os.truncate(path, engine.model_file.layer_tensor(2, "attn_q").offset + 10)
+try:
+    engine.logits_layerwise(ids)
+except tiers.StreamingError as e:
+    print("error:", e)
+else:
+    print("no error")
+engine.close()
+"""
+
+
+def test_layerwise_pass_over_a_truncated_disk_tier_is_an_error_not_sigbus(six_layer_path, tmp_path):
+    """`logits_layerwise` reads disk-tier layers through the tier's reader (not from views of the
+    memory map): the same logits as resident, and a file truncated under the engine is a
+    StreamingError naming the layer and the file (layer 1 or 2: reads are aligned to pages)."""
+    r = run_python(TRUNCATE_DISK_LAYERWISE, six_layer_path, str(tmp_path / "cut.gguf"))
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    lines = [l for l in r.stdout.splitlines() if l.startswith(("error:", "no error"))]
+    assert len(lines) == 1 and re.match(r"error: layer [12]: .*cut\.gguf.*truncated", lines[0]), r.stdout
