@@ -85,9 +85,14 @@ class GenerationStats:
         return n / self.generate_seconds if self.generate_seconds else 0.0
 
 
-def _prng_key(seed: int | None) -> jax.Array:
-    """The sampling key: from `seed`, or random when it is None or negative."""
-    return jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
+def _prng_key(seed: int | None, device: jax.Device) -> jax.Array:
+    """The sampling key on `device`: from `seed`, or random when it is None or negative.
+
+    Placed (committed) like the step outputs that replace it, so the first decode step and
+    the later ones share one compiled function: an uncommitted key (or window) makes the second
+    step compile the whole step again (seen as a second slow token)."""
+    key = jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
+    return jax.device_put(key, device)
 
 
 def _recent_window(histories: Sequence[np.ndarray], params: SamplingParams) -> np.ndarray:
@@ -548,9 +553,9 @@ class Engine:
         if max_new_tokens == 0:
             stats.stop_reason = "max_new_tokens"
             return
-        key = _prng_key(seed)
+        key = _prng_key(seed, self.device)
         history = np.concatenate([np.asarray(self._cached[:start_pos], np.int32), ids])
-        recent = jnp.asarray(_recent_window([history], params))
+        recent = jax.device_put(_recent_window([history], params), self.device)   # committed
 
         t0 = time.perf_counter()
         logits = self._forward(ids, start_pos, all_logits=False)  # [1, V]
@@ -619,12 +624,12 @@ class Engine:
         stats = self.last_stats = GenerationStats(prompt_tokens=int(lengths.sum()))
         if max_new_tokens == 0:
             return out
-        key = _prng_key(seed)
+        key = _prng_key(seed, self.device)
         self._caches = self._new_caches(b)
         self._cached = []
         try:
             t0 = time.perf_counter()
-            recent = jnp.asarray(recent)
+            recent = jax.device_put(recent, self.device)   # committed, see _prng_key
             logits = self._forward(padded, 0, all_logits=False, lengths=lengths)   # [B, V]
             key, sub = jax.random.split(key)
             pending = sample(logits, recent, sub, params)

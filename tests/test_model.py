@@ -204,3 +204,20 @@ def test_smollm_kernel_path_matches_float64_reference(smollm_path):
     assert engine.segments[0].attn_q.kernel == "interpret" and engine.globals.output.kernel
     ids = engine.tokenize(PROSE)[:8]
     _check(engine.logits(ids), Float64Llama(smollm_path).logits(ids), max_rel=1e-4, min_top1=1.0)
+
+
+@pytest.mark.parametrize("tiers", [{}, dict(max_vram_layers=1, max_ram_layers=0)],
+                         ids=["resident", "layered"])
+def test_decode_step_compiles_once(tiers, tiny_quantized):
+    """The first decode step and the later ones share one compiled step (the sampling key and
+    the repetition window start on the device like the step outputs that replace them), and a
+    second generation compiles nothing."""
+    from ntransformer_jax import model as M
+    engine = nt.load(tiny_quantized("Q8_0"), ctx_size=57, **tiers)   # a cache shape of its own
+    step = M.head_sample if engine.layered else M.decode_step
+    before = step._cache_size()
+    greedy = SamplingParams(temperature=0.0, repeat_last_n=37)   # and a window of its own
+    first = list(engine.generate_tokens([5, 6, 7], max_new_tokens=4, params=greedy))
+    assert step._cache_size() == before + 1
+    assert list(engine.generate_tokens([5, 6, 7], max_new_tokens=4, params=greedy)) == first
+    assert step._cache_size() == before + 1
