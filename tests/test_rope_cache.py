@@ -121,5 +121,13 @@ def test_bad_inputs_are_named(kw, match):
                             n_kv_head=args["n_kv_head"], interpret=True)
 
 
+def test_one_buffer_for_both_caches_is_refused():
+    cache = jnp.zeros((1, 16, 2, 32), jnp.float32)
+    with pytest.raises(InputError, match="same array"):
+        rc.rope_cache_write(jnp.zeros((1, 1, 8 * 32), jnp.float32), jnp.zeros((1, 1), jnp.int32),
+                            jnp.zeros((8,), jnp.float32), cache, cache, n_head=4, n_kv_head=2,
+                            interpret=True)
+
+
 def test_self_test_passes():
     rc.self_test.__wrapped__(8, 2, 64, interpret=INTERPRET)

@@ -113,8 +113,6 @@ def _check(parts, positions, inv_freq, k_cache, v_cache, n_head, n_kv_head, laye
         raise InputError(f"inv_freq must be [R] with 2 R <= {head_dim=}, got {list(inv_freq.shape)}")
 
 
-@functools.partial(jax.jit, static_argnames=("n_head", "n_kv_head", "interpret"),
-                   donate_argnames=("k_cache", "v_cache"))
 def rope_cache_write(parts: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                      k_cache: jax.Array, v_cache: jax.Array, *, n_head: int, n_kv_head: int,
                      layer: jax.Array | None = None, interpret: bool = False):
@@ -126,7 +124,7 @@ def rope_cache_write(parts: jax.Array, positions: jax.Array, inv_freq: jax.Array
         positions: [B, T] int32 absolute position of each new token (consecutive per row).
         inv_freq: [R] float32 RoPE frequencies of the first R pairs of each head (R <= H / 2).
         k_cache, v_cache: [B, S, K, H], or stacked [L, B, S, K, H] with `layer`; donated and
-            updated in place.
+            updated in place (two different arrays).
         n_head, n_kv_head: N and K (static).
         layer: int32 scalar index into stacked caches (may be traced), or None.
         interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
@@ -137,6 +135,18 @@ def rope_cache_write(parts: jax.Array, positions: jax.Array, inv_freq: jax.Array
     Raises:
         InputError: shapes or dtypes the kernel does not take.
     """
+    if k_cache is v_cache:
+        raise InputError("k_cache and v_cache are the same array; each is written in place")
+    return _rope_cache_write(parts, positions, inv_freq, k_cache, v_cache, n_head=n_head,
+                             n_kv_head=n_kv_head, layer=layer, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("n_head", "n_kv_head", "interpret"),
+                   donate_argnames=("k_cache", "v_cache"))
+def _rope_cache_write(parts: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                     k_cache: jax.Array, v_cache: jax.Array, *, n_head: int, n_kv_head: int,
+                     layer: jax.Array | None = None, interpret: bool = False):
+    """`rope_cache_write`, jitted (its checks run at trace time)."""
     _check(parts, positions, inv_freq, k_cache, v_cache, n_head, n_kv_head, layer)
     batch, seq_len, _, head_dim = k_cache.shape[-4:]
     n_tokens = positions.shape[1]
