@@ -1,7 +1,7 @@
 #!/bin/bash
 # Session-4 resident-path run (one device call): compiled tests of the decode kernels, then the
 # 8B profile and llama-bench-like e2e figures. Results under $OUT. See BUILD.md for the prefix.
-#   STEPS="tests profile e2e variants" QUANTS="Q8_0 Q4_0" bash benchmarks/run_s4.sh
+#   STEPS="tests check profile e2e variants tiers big" QUANTS="Q8_0 Q4_0" bash benchmarks/run_s4.sh
 set -u
 OUT=${OUT:-/tmp/out}
 STEPS=${STEPS:-tests profile e2e}
@@ -14,6 +14,15 @@ if [[ $STEPS == *tests* ]]; then
         2>&1 | tail -2
     KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
         -k "glu or stacked or self_test" 2>&1 | tail -2
+fi
+if [[ $STEPS == *check* ]]; then     # float64 logits on the GPU, kernels on, tiny synthetic files
+    models=""
+    for q in Q4_0 Q8_0 Q4_K_M Q6_K; do
+        f=/root/models/tiny-$q.gguf
+        [ -f "$f" ] || python3 -m ntransformer_jax.synth --shape tiny --quant "$q" --out "$f" >/dev/null
+        models="$models${models:+,}$f"
+    done
+    timeout 240 python3 benchmarks/gpu_check.py --models "$models" --out "$OUT" 2>&1 | tail -6
 fi
 if [[ $STEPS == *profile* ]]; then
     for q in $QUANTS; do
@@ -38,6 +47,10 @@ if [[ $STEPS == *e2e* ]]; then
 fi
 if [[ $STEPS == *tiers* ]]; then     # issue 4: spread vs index order, mmap baseline, small RAM budget
     timeout 560 python3 benchmarks/tiers_bench.py --shape 70b --quant Q4_0 --vram_budget_gb ${VRAM:-24} \
-        --ram_budget_gb 22 --n_decode 8 --index_layout --n_mmap 2 --drop_caches --disk_ram_budget_gb 4 \
+        --ram_budget_gb 22 --n_decode 8 --index_layout --n_mmap 3 --drop_caches --disk_ram_budget_gb 4 \
         --n_disk 2 --out "$OUT" --workdir /root/models 2>&1 | grep -v "^I1\|^W1" | tail -30
+fi
+if [[ $STEPS == *big* ]]; then       # 70B Q4_0 resident (40 GB): pp512 / tg128
+    timeout 500 python3 benchmarks/e2e.py --shape 70b --quant Q4_0 --kernels auto --matmul bf16 \
+        --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
 fi
