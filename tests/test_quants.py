@@ -134,9 +134,11 @@ def test_quantized_weights_match_gguf(qtype, n_rows, n_cols, seed):
     context = f"{qtype.name} {n_rows}x{n_cols} {seed=}"
     got = _jit_dequantize(jnp.asarray(raw), qtype, n_cols)
     _assert_bits_equal(got, want, context)
-    # The round trip must land near the input, so `quantize` really produced this format.
+    # The round trip must land near the input, so `quantize` really produced this format. The
+    # worst legitimate case is Q4_0: the largest magnitude maps to -8 d, so a value of the other
+    # sign as large clamps at +7 d, off by d = max / 8 (rounding elsewhere is at most d / 2).
     err = np.abs(np.asarray(got) - x).max()
-    assert err <= 0.1 * np.abs(x).max(), f"{context}: round-trip error {err}"
+    assert err <= 0.13 * np.abs(x).max(), f"{context}: round-trip error {err}"
 
 
 @pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
