@@ -362,7 +362,7 @@ class Engine:
             if src.tier in ("mmap", "disk"):
                 # Through the tier's reader into staging, never from views of the map: a file
                 # truncated under us is a StreamingError, not a SIGBUS.
-                return self.streamer.read_mapped(i)
+                return self.streamer.read_now(i)
             return jax.device_put(src.host_tree, self.device)
         for seg, n in zip(self.segments, self.segment_sizes):
             if i < n:

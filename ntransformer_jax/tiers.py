@@ -278,15 +278,26 @@ def pinned_bytes() -> dict:
     """Pinned host memory of this process as far as we can see it: `live`, bytes of the buffers
     `alloc_staging` handed out that are still referenced; `pool_free_blocks`, freed blocks
     cupy's pool still holds (0 without cupy). For host-memory accounting (tiers_bench.py)."""
-    import sys
-    cupy = sys.modules.get("cupy")
+    pool = _cupy_pinned_pool()
     blocks = 0
-    if cupy is not None:
+    if pool is not None:
         try:
-            blocks = int(cupy.get_default_pinned_memory_pool().n_free_blocks())
+            blocks = int(pool.n_free_blocks())
         except Exception:  # noqa: BLE001 - advisory
             blocks = 0
     return dict(live=_pinned_live[0], pool_free_blocks=blocks)
+
+
+def _cupy_pinned_pool():
+    """cupy's default pinned memory pool if cupy is loaded and has one, else None."""
+    import sys
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        return None
+    try:
+        return cupy.get_default_pinned_memory_pool()
+    except Exception:  # noqa: BLE001 - no CUDA context, old cupy
+        return None
 
 
 def alloc_staging(n_bytes: int) -> np.ndarray:
@@ -339,12 +350,11 @@ def pinned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 def release_pinned_pool() -> None:
     """Give pinned blocks that nothing uses any more back to the system (cupy keeps freed pinned
     memory in a pool; load-time staging would otherwise stay in this process's RSS)."""
-    import sys
-    cupy = sys.modules.get("cupy")
-    if cupy is not None:
+    pool = _cupy_pinned_pool()
+    if pool is not None:
         try:
-            cupy.get_default_pinned_memory_pool().free_all_blocks()
-        except Exception:  # noqa: BLE001 - advisory: no CUDA context, old cupy
+            pool.free_all_blocks()
+        except Exception:  # noqa: BLE001 - advisory
             pass
 
 
@@ -639,7 +649,7 @@ class Streamer:
                 self._free_staging.append(slot)
                 self._staging_lock.notify()
 
-    def read_mapped(self, layer: int):
+    def read_now(self, layer: int):
         """An mmap- or disk-tier layer on the device, read through the tier's reader (out of the
         memory map, or from the file) into staging and copied now (synchronously).
 
@@ -653,7 +663,7 @@ class Streamer:
         if src.tier == "mmap":
             # The baseline: read from the memory map and copy now, synchronously.
             t = time.perf_counter()
-            self._inflight[layer] = self.read_mapped(layer)
+            self._inflight[layer] = self.read_now(layer)
             self.stats.wait_disk_s += time.perf_counter() - t
             self.stats.bytes_disk += src.n_bytes
         elif src.tier == "ram":

@@ -751,15 +751,28 @@ def qmatvec_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     Raises:
         InputError: shapes, dtypes or tiling the kernel cannot take (before anything runs).
     """
-    fmt = _format(qtype)
+    qtype, n_rows = _check_inputs(x, packed, qtype, n_cols, layer)
+    p = plan(qtype, x.shape[0], n_rows, n_cols, block_sizes)
+    out = _run(x, packed, qtype, p, interpret, layer)     # [split_k, M, N]
+    return out.sum(axis=0) if sum_splits else out
+
+
+def _check_inputs(x: jax.Array, packed: tuple[jax.Array, ...], qtype, n_cols: int,
+                  layer) -> tuple[gguf.GGMLQuantizationType, int]:
+    """The wrappers' shared checks of x and the packed arrays; returns (qtype, N)."""
+    _format(qtype)
     qtype = T(qtype)
     _check_x(x, n_cols)
-    n_rows = _check_packed(packed, qtype, n_cols, stacked=layer is not None)
-    p = plan(qtype, x.shape[0], n_rows, n_cols, block_sizes)
+    return qtype, _check_packed(packed, qtype, n_cols, stacked=layer is not None)
+
+
+def _run(x: jax.Array, packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizationType, p: Plan,
+         interpret: bool, layer, glu: bool = False) -> jax.Array:
+    """`_launch` on x [M, K] for plan `p`: [split_k, M, N] (the padding rows dropped)."""
+    fmt = _format(qtype)
     out = _launch(_x_arrays(x, fmt, p.m_padded), tuple(packed), fmt, p, interpret=interpret,
-                  layer=_layer_index(layer))
-    out = out[:, : x.shape[0]]            # [split_k, M, N]
-    return out.sum(axis=0) if sum_splits else out
+                  layer=_layer_index(layer), glu=glu)
+    return out[:, : x.shape[0]]
 
 
 def glu_block_sizes(qtype: gguf.GGMLQuantizationType, n_rows: int, n_cols: int) -> BlockSizes:
@@ -808,19 +821,14 @@ def qmatvec_glu_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     Raises:
         InputError: shapes, dtypes or tiling the kernel cannot take (before anything runs).
     """
-    fmt = _format(qtype)
-    qtype = T(qtype)
-    _check_x(x, n_cols)
-    n_rows = _check_packed(packed, qtype, n_cols, stacked=layer is not None)
+    qtype, n_rows = _check_inputs(x, packed, qtype, n_cols, layer)
     if n_rows % 2:
         raise InputError(f"a gate/up matrix has an even number of rows, got {n_rows}")
     bs = block_sizes or glu_block_sizes(qtype, n_rows, n_cols)
     if bs.split_k != 1:
         raise InputError(f"qmatvec_glu_packed takes split_k=1, got {bs.split_k}")
     p = plan(qtype, x.shape[0], n_rows // 2, n_cols, bs)
-    out = _launch(_x_arrays(x, fmt, p.m_padded), tuple(packed), fmt, p, interpret=interpret,
-                  layer=_layer_index(layer), glu=True)
-    return out[0, : x.shape[0]]
+    return _run(x, packed, qtype, p, interpret, layer, glu=True)[0]
 
 
 def qmatvec(x: jax.Array, w_data: jax.Array, qtype: gguf.GGMLQuantizationType, n_cols: int, *,
@@ -879,17 +887,12 @@ def self_test(qtype: gguf.GGMLQuantizationType, interpret: bool = False) -> None
         raise NTransformerError(f"qmatvec self-test for {qtype.name}: relative error {err:.3g}")
     # The gate/up form on the same matrix (16 gate rows, 16 up rows).
     y = np.asarray(qmatvec_glu_packed(jnp.asarray(x), packed, qtype, n_cols, interpret=interpret,
-                                      block_sizes=BlockSizes(block_n=8, block_k=fmt_block(qtype))))
+                                      block_sizes=BlockSizes(block_n=8, block_k=_format(qtype).block)))
     g, u = np.split(x @ w64.T, 2, axis=1)
     want = g / (1 + np.exp(-np.clip(g, -80, 80))) * u
     err = np.max(np.abs(y - want)) / max(np.max(np.abs(want)), 1e-30)
     if not err <= 1e-4:
         raise NTransformerError(f"qmatvec_glu self-test for {qtype.name}: relative error {err:.3g}")
-
-
-def fmt_block(qtype: gguf.GGMLQuantizationType) -> int:
-    """K values per packed block of `qtype` (the smallest block_k it takes)."""
-    return _format(qtype).block
 
 
 def qmatvec_reference(x: jax.Array, w_data: jax.Array, qtype: gguf.GGMLQuantizationType,
