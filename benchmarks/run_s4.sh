@@ -1,19 +1,22 @@
 #!/bin/bash
 # Session-4 resident-path run (one device call): compiled tests of the decode kernels, then the
 # 8B profile and llama-bench-like e2e figures. Results under $OUT. See BUILD.md for the prefix.
-#   STEPS="tests check profile e2e variants tiers big" QUANTS="Q8_0 Q4_0" bash benchmarks/run_s4.sh
+#   STEPS="tests probe check profile e2e variants tiers big" QUANTS="Q8_0 Q4_0" bash benchmarks/run_s4.sh
 set -u
 OUT=${OUT:-/tmp/out}
 STEPS=${STEPS:-tests profile e2e}
 QUANTS=${QUANTS:-Q8_0 Q4_0}
 SHAPE=${SHAPE:-8b}
-mkdir -p "$OUT"
+mkdir -p "$OUT" /root/models
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [[ $STEPS == *tests* ]]; then
     KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_rope_cache.py \
         2>&1 | tail -2
     KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
         -k "glu or stacked or self_test" 2>&1 | tail -2
+fi
+if [[ $STEPS == *probe* ]]; then     # whose pinned memory: RssShmem per stage, per XLA pool cap
+    timeout 300 python3 benchmarks/pinned_probe.py --layers 8 --passes 5 --kinds ${KINDS:-pin_tree,hostalloc,register} --out "$OUT" 2>&1 | tail -7
 fi
 if [[ $STEPS == *check* ]]; then     # float64 logits on the GPU, kernels on, tiny synthetic files
     models=""

@@ -30,7 +30,7 @@ from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats,
 from ntransformer_jax.placement import is_layered, layer_span, plan_for, staging_bytes
 from ntransformer_jax.tiers import (LayerSource, MapReader, Streamer, StreamStats, TierOptions,
                                     available_ram, free_device_memory, open_reader, pin_tree,
-                                    pinned_empty, release_pinned_pool)
+                                    pinned_empty)
 from ntransformer_jax.tokenizer import Tokenizer, decode_stream
 
 DEFAULT_CTX = 4096
@@ -302,7 +302,6 @@ class Engine:
             jax.block_until_ready(jax.tree_util.tree_leaves((self.globals, getattr(self, "resident", {}),
                                                              getattr(self, "segments", ()))))
             f.release_pages()
-            release_pinned_pool()      # load-time staging back to the system (tier B stays)
 
     def _load_resident_segments(self, layer_bytes: list[int]) -> None:
         # Consecutive layers with the same weight signature (types and shapes) form a segment,
@@ -375,7 +374,6 @@ class Engine:
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
-            release_pinned_pool()
 
     def __enter__(self) -> "Engine":
         return self

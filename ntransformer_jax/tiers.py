@@ -274,37 +274,22 @@ def _pinned_freed(n: int) -> None:
     _pinned_live[0] -= n
 
 
-def pinned_bytes() -> dict:
-    """Pinned host memory of this process as far as we can see it: `live`, bytes of the buffers
-    `alloc_staging` handed out that are still referenced; `pool_free_blocks`, freed blocks
-    cupy's pool still holds (0 without cupy). For host-memory accounting (tiers_bench.py)."""
-    pool = _cupy_pinned_pool()
-    blocks = 0
-    if pool is not None:
-        try:
-            blocks = int(pool.n_free_blocks())
-        except Exception:  # noqa: BLE001 - advisory
-            blocks = 0
-    return dict(live=_pinned_live[0], pool_free_blocks=blocks)
-
-
-def _cupy_pinned_pool():
-    """cupy's default pinned memory pool if cupy is loaded and has one, else None."""
-    import sys
-    cupy = sys.modules.get("cupy")
-    if cupy is None:
-        return None
-    try:
-        return cupy.get_default_pinned_memory_pool()
-    except Exception:  # noqa: BLE001 - no CUDA context, old cupy
-        return None
+def pinned_bytes() -> int:
+    """Bytes of the pinned buffers `alloc_staging` handed out that are still referenced (for
+    host-memory accounting in tiers_bench.py, beside the process's RssShmem)."""
+    return _pinned_live[0]
 
 
 def alloc_staging(n_bytes: int) -> np.ndarray:
-    """A page-aligned uint8 host buffer, pinned (page-locked) when cupy can provide it."""
+    """A page-aligned uint8 host buffer, pinned (page-locked) when cupy can provide it.
+
+    Allocated with cudaHostAlloc of the size asked for (`cupy.cuda.PinnedMemory`), not from
+    cupy's pinned pool: the pool rounds sizes up (a 70B Q4_0 layer of 0.449 GiB took 0.5 GiB,
+    +11% of tier B in RSS; benchmarks/pinned_probe.py) and keeps freed blocks.
+    """
     try:
         import cupy  # noqa: F401  (present on CUDA machines)
-        mem = cupy.cuda.alloc_pinned_memory(n_bytes + ALIGN)
+        mem = cupy.cuda.PinnedMemoryPointer(cupy.cuda.PinnedMemory(n_bytes + ALIGN), 0)
         buf = np.frombuffer(mem, np.uint8, n_bytes + ALIGN)
         _pinned_live[0] += n_bytes + ALIGN
         weakref.finalize(buf, _pinned_freed, n_bytes + ALIGN)   # when the last view goes
@@ -345,17 +330,6 @@ def pinned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
     return alloc_staging(max(n, 1))[:n].view(dtype).reshape(shape)
-
-
-def release_pinned_pool() -> None:
-    """Give pinned blocks that nothing uses any more back to the system (cupy keeps freed pinned
-    memory in a pool; load-time staging would otherwise stay in this process's RSS)."""
-    pool = _cupy_pinned_pool()
-    if pool is not None:
-        try:
-            pool.free_all_blocks()
-        except Exception:  # noqa: BLE001 - advisory
-            pass
 
 
 class PosixReader:
