@@ -1,7 +1,7 @@
 #!/bin/bash
 # Session-4 resident-path run (one device call): compiled tests of the decode kernels, then the
 # 8B profile and llama-bench-like e2e figures. Results under $OUT. See BUILD.md for the prefix.
-#   STEPS="tests probe check profile e2e variants tiers big" QUANTS="Q8_0 Q4_0" bash benchmarks/run_s4.sh
+#   STEPS="tests probe check ident profile e2e variants tiers q6k disk4 big" QUANTS="Q8_0 Q4_0" bash benchmarks/run_s4.sh
 set -u
 OUT=${OUT:-/tmp/out}
 STEPS=${STEPS:-tests profile e2e}
@@ -52,6 +52,19 @@ if [[ $STEPS == *tiers* ]]; then     # issue 4: spread vs index order, mmap base
     timeout 560 python3 benchmarks/tiers_bench.py --shape 70b --quant Q4_0 --vram_budget_gb ${VRAM:-24} \
         --ram_budget_gb 22 --n_decode 8 --index_layout --n_mmap 3 --drop_caches --disk_ram_budget_gb 4 \
         --n_disk 2 --out "$OUT" --workdir /root/models 2>&1 | grep -v "^I1\|^W1" | tail -30
+fi
+if [[ $STEPS == *q6k* ]]; then      # issue 4: 70B Q6_K at --vram_budget_gb 24, the rest in RAM
+    timeout 560 python3 benchmarks/tiers_bench.py --shape 70b --quant Q6_K --vram_budget_gb ${VRAM:-24} \
+        --n_decode 8 --n_mmap 0 --disk_ram_budget_gb 0 --out "$OUT" --workdir /root/models \
+        2>&1 | grep -v "^I1\|^W1" | tail -12
+fi
+if [[ $STEPS == *disk4* ]]; then    # issue 4: 70B Q4_0 with 4 GB of RAM (35 layers from disk)
+    timeout 560 python3 benchmarks/tiers_bench.py --shape 70b --quant Q4_0 --vram_budget_gb ${VRAM:-24} \
+        --ram_budget_gb 22 --n_decode 4 --n_mmap 0 --drop_caches --disk_ram_budget_gb 4 --n_disk 3 \
+        --out "$OUT" --workdir /root/models 2>&1 | grep -v "^I1\|^W1" | tail -12
+fi
+if [[ $STEPS == *ident* ]]; then    # placement identity with the compiled kernels
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_tiers.py -k "bit_identical" 2>&1 | tail -2
 fi
 if [[ $STEPS == *big* ]]; then       # 70B Q4_0 resident (40 GB): pp512 / tg128
     timeout 500 python3 benchmarks/e2e.py --shape 70b --quant Q4_0 --kernels auto --matmul bf16 \

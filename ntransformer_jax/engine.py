@@ -242,8 +242,20 @@ class Engine:
             self.kernels = "off"
 
     def _staged_layer(self, i: int, span_start: int, buf: np.ndarray) -> M.LayerWeights:
+        """A disk-tier layer as read (file bytes, numpy views of staging): it moves to the
+        device as is and is repacked there (`_pack_on_device`)."""
         return M.pack_layer(_layer_from_staging(self.model_file, i, span_start, buf), "off",
                             self.matmul)
+
+    @functools.cached_property
+    def _pack_on_device(self) -> Callable | None:
+        """Disk-tier layers, copied to the device as stored in the file, repacked there for the
+        decode kernels by the same `pack_layer` that packs resident and RAM layers at load (on the
+        CPU): the same bits, so logits do not depend on placement, and no host CPU per fetch.
+        None with the kernels off (nothing to repack)."""
+        if self.kernels == "off":
+            return None
+        return jax.jit(functools.partial(M.pack_layer, kernel=self.kernels, matmul=self.matmul))
 
     def _load_weights(self) -> None:
         f, cfg, opts = self.model_file, self.config, self.tier_options
@@ -274,10 +286,12 @@ class Engine:
                     start = min(t.offset for t in infos)
                     end = max(t.offset + t.n_bytes for t in infos)   # exact: within the map
                     sources[i] = LayerSource("mmap", span=(start, end - start), n_bytes=layer_bytes[i],
-                                             build=functools.partial(self._staged_layer, i, start))
+                                             build=functools.partial(self._staged_layer, i, start),
+                                             finish=self._pack_on_device)
                 else:
                     sources[i] = LayerSource("disk", span=spans[i], n_bytes=layer_bytes[i],
-                                             build=functools.partial(self._staged_layer, i, spans[i][0]))
+                                             build=functools.partial(self._staged_layer, i, spans[i][0]),
+                                             finish=self._pack_on_device)
                 done += layer_bytes[i]
                 if self._progress:
                     self._progress(done, total)

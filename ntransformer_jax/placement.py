@@ -84,8 +84,10 @@ def plan_for(f: ModelFile, ctx_size: int, options: TierOptions, free_vram: int |
     n = f.config.n_layers
     layer_bytes = [layer_nbytes(f, i, packed) for i in range(n)]
     staging = staging_bytes([layer_span(f, i) for i in range(n)])
+    # Disk-tier layers reach the device as stored in the file and are repacked there.
+    repack = max(layer_nbytes(f, i) for i in range(n)) if packed else 0
     plan = plan_placement(layer_bytes, device_working_set(f, ctx_size, prefill_chunk, packed), staging,
-                          options, free_vram, avail_ram, slot_bytes=max(layer_bytes))
+                          options, free_vram, avail_ram, slot_bytes=max(layer_bytes), repack_bytes=repack)
     if options.streaming == "mmap":
         tiers = tuple("vram" if t == "vram" else "disk" for t in plan.tiers)
         plan = dataclasses.replace(

@@ -8,7 +8,9 @@ Tier B ("ram"): layer weights in pinned (page-locked) host memory, copied to the
   pinned-host pool, which grows in doubling steps and keeps what it took.
 Tier C ("disk"): the layer's byte ranges in the GGUF file, read on a thread pool (KvikIO where
   CUDA and kvikio are present, `os.preadv` otherwise) into reusable staging buffers (pinned when
-  cupy can allocate pinned memory), then copied to the device.
+  cupy can allocate pinned memory), copied to the device as stored in the file and repacked
+  there for the decode kernels (`LayerSource.finish`), by the same code that repacks tiers A
+  and B on the host at load: the same bits whatever the tier, and no host CPU per fetch.
 
 Placement puts as many layers as fit in A, then B, the rest in C, and spreads the streamed layers
 evenly through the stack: a streamed layer's copy then overlaps the compute of the resident layers
@@ -194,7 +196,7 @@ def available_ram() -> int | None:
 
 def plan_placement(layer_bytes: Sequence[int], device_working_set: dict, staging_bytes: int,
                    options: TierOptions, free_vram: int | None, avail_ram: int | None,
-                   slot_bytes: int) -> Plan:
+                   slot_bytes: int, repack_bytes: int = 0) -> Plan:
     """Place layers in VRAM, RAM and disk within the budgets.
 
     Args:
@@ -204,6 +206,8 @@ def plan_placement(layer_bytes: Sequence[int], device_working_set: dict, staging
       options: budgets and caps.
       free_vram / avail_ram: measured free memory (None: unknown, then unlimited).
       slot_bytes: device bytes of one prefetch slot (the largest layer).
+      repack_bytes: device bytes a tier-C layer takes as read, before it is repacked on the
+        device (0: not repacked); counted once per concurrent fetch where layers land on disk.
     Raises:
       InputError: the working set does not fit the budgets (the message gives the minimum).
     """
@@ -214,6 +218,24 @@ def plan_placement(layer_bytes: Sequence[int], device_working_set: dict, staging
     ram_budget = (int(options.ram_budget_gb * 1e9) if options.ram_budget_gb is not None
                   else (avail_ram - RAM_RESERVE if avail_ram is not None else unlimited))
     depth = options.prefetch_depth
+    # Concurrent tier-C fetches (each holds its layer as read until repacked): the fetch pool's
+    # workers, or the one synchronous copy of the mmap baseline.
+    repack = (1 if options.streaming == "mmap" else depth) * repack_bytes
+    plan = _place(layer_bytes, device_working_set, staging_bytes, options, vram_budget, ram_budget,
+                  slot_bytes, 0)
+    from_file = any(t == "disk" or (t == "ram" and options.streaming == "mmap") for t in plan.tiers)
+    if repack and from_file:
+        plan = _place(layer_bytes, device_working_set, staging_bytes, options, vram_budget, ram_budget,
+                      slot_bytes, repack)
+    return plan
+
+
+def _place(layer_bytes, device_working_set, staging_bytes, options, vram_budget, ram_budget,
+           slot_bytes, repack) -> Plan:
+    """`plan_placement` with `repack` device bytes set aside for tier-C repacking (counted
+    only where a layer streams)."""
+    n = len(layer_bytes)
+    depth = options.prefetch_depth
     base = sum(device_working_set.values())
 
     # Device: the most layers that fit beside the working set (with slots if anything streams),
@@ -221,19 +243,21 @@ def plan_placement(layer_bytes: Sequence[int], device_working_set: dict, staging
     max_a = n if options.max_vram_layers is None else min(n, options.max_vram_layers)
     n_a = 0
     for k in range(max_a, -1, -1):
-        slots = 0 if k == n else (depth + 1) * slot_bytes
+        slots = 0 if k == n else (depth + 1) * slot_bytes + repack
         resident = set(range(n)) - set(_streamed(n, n - k, options.layout))
         if base + slots + sum(layer_bytes[i] for i in resident) <= vram_budget:
             n_a = k
             break
     else:
-        need = base + (depth + 1) * slot_bytes
+        need = base + (depth + 1) * slot_bytes + repack
         raise InputError(f"vram_budget_gb={vram_budget / 1e9:.2f} is too small for the working set "
                          f"(KV cache, embeddings, output head, {depth + 1} layer slots, workspace): "
                          f"the minimum is {need / 1e9:.2f} GB")
     dev_ws = dict(device_working_set)
     if n_a < n:
         dev_ws["prefetch_slots"] = (depth + 1) * slot_bytes
+        if repack:
+            dev_ws["disk_repack"] = repack
 
     # Host: tier B within the RAM budget, beside the staging slots tier C needs.
     n_rest = n - n_a
@@ -556,6 +580,7 @@ class LayerSource:
     host_tree: object = None              # B: LayerWeights of numpy views of pinned memory
     span: tuple[int, int] = (0, 0)        # C: (file offset, length) covering the layer's tensors
     build: Callable | None = None         # C, mmap: staging uint8 view -> LayerWeights of numpy views
+    finish: Callable | None = None        # C, mmap: device tree as read -> device tree as computed
     n_bytes: int = 0
 
 
@@ -616,6 +641,8 @@ class Streamer:
                 # The CPU backend may alias numpy memory instead of copying: detach from staging.
                 host = jax.tree_util.tree_map(np.array, host)
             tree = jax.device_put(host, self._sharding)
+            if src.finish is not None:
+                tree = src.finish(tree)
             jax.block_until_ready(tree)             # staging reusable only once copied
             return tree
         finally:

@@ -182,12 +182,14 @@ def test_kernels_fall_back_to_xla_when_they_cannot_run(tiny_quantized, monkeypat
 
 
 def test_kernel_path_on_tiered_placement(tiny_quantized):
-    """Tiers A and B hold repacked matrices and the per-layer block takes the kernels; tier C
-    (disk) keeps the file's layout: logits agree with the float64 forward either way."""
+    """Tiers A and B hold matrices repacked at load, tier C (disk) the file's layout, repacked on
+    the device after each copy: the per-layer block takes the kernels for both, and logits agree
+    with the float64 forward."""
     path = tiny_quantized("Q4_K_M")
     engine = nt.load(path, ctx_size=32, kernels="interpret", max_vram_layers=0, max_ram_layers=1)
     assert engine.placement == ["ram", "disk"]
     assert engine.streamer.sources[0].host_tree.attn_q.kernel == "interpret"
+    assert engine.layer_weights(1).attn_q.kernel == "interpret"     # as the disk tier delivers it
     ids = np.random.default_rng().integers(0, engine.config.n_vocab, 8)
     ref = Float64Llama(path).logits(ids)
     _check(engine.logits(ids), ref, max_rel=1e-4, min_top1=1.0)
