@@ -298,7 +298,9 @@ class Engine:
             needs_reader = any(s.tier == "disk" for s in sources.values())
             mapped = any(s.tier == "mmap" for s in sources.values())
             reader = (open_reader(f.path, opts) if needs_reader
-                      else MapReader(f.path, f.tensor("token_embd.weight")) if mapped else None)
+                      else MapReader(f.path, f.tensor("token_embd.weight"),
+                                 release=f.release_range if self.device.platform != "cpu" else None)
+                      if mapped else None)
             self.streamer = Streamer(sources, self.device, opts, reader, staging)
         embd = self._qtensor(f.tensor("token_embd.weight"))
         output = embd if cfg.tied_output else self._qtensor(f.tensor("output.weight"))

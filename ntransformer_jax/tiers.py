@@ -504,10 +504,14 @@ class MapReader:
     name = "mmap"
     o_direct = False
 
-    def __init__(self, path: str, anchor: TensorInfo):
+    def __init__(self, path: str, anchor: TensorInfo,
+                 release: Callable[[int, int], None] | None = None):
         """`anchor`: any tensor of the mapped file; its view gives the map's address and keeps
-        the map alive while the reader lives."""
+        the map alive while the reader lives. `release(offset, length)`, if given, is called
+        after each copy to drop the pages just read from this process's RSS (they stay in the
+        page cache), so a pass over the streamed layers does not leave them all mapped."""
         self.path = path
+        self._release = release
         self._anchor = anchor.data
         self._base = anchor.data.ctypes.data - anchor.offset     # address of file byte 0
         self.fd = os.open(path, os.O_RDONLY)
@@ -531,6 +535,8 @@ class MapReader:
             copied = n
         else:
             copied = copy_from_map(dst, self._base + offset, n)
+        if self._release is not None:
+            self._release(offset, n)
         self._check(end)
         if copied < n:
             raise StreamingError(f"model file {self.path}: cannot read byte {offset + copied} "

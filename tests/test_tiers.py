@@ -357,6 +357,24 @@ def test_mmap_staging_is_one_buffer_reused(six_layer_path):
         assert len(st._staging) == 1 and st._staging[0].ctypes.data == before and st._free_staging == [0]
 
 
+def test_map_reader_releases_the_pages_it_copied(six_layer_path):
+    """With `release` (the engine passes the model file's `release_range` on a GPU) each copy
+    out of the map hands the range just read back; the bytes copied are the file's."""
+    from ntransformer_jax.model_file import ModelFile
+    from ntransformer_jax.tiers import MapReader
+    f = ModelFile(six_layer_path)
+    calls = []
+    reader = MapReader(six_layer_path, f.tensor("token_embd.weight"), release=lambda o, n: calls.append((o, n)))
+    info = f.layer_tensor(2, "ffn_down")
+    dst = np.zeros(info.n_bytes, np.uint8)
+    reader.read_into(dst, info.offset)
+    reader.close()
+    with open(six_layer_path, "rb") as fh:
+        fh.seek(info.offset)
+        assert dst.tobytes() == fh.read(info.n_bytes)
+    assert calls == [(info.offset, info.n_bytes)]
+
+
 TRUNCATE_DISK_LAYERWISE = """
 import os, shutil, sys
 import numpy as np
