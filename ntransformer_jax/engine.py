@@ -91,7 +91,9 @@ def _prng_key(seed: int | None, device: jax.Device) -> jax.Array:
     Placed (committed) like the step outputs that replace it, so the first decode step and
     the later ones share one compiled function: an uncommitted key (or window) makes the second
     step compile the whole step again (seen as a second slow token)."""
-    key = jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else seed)
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or seed >= 1 << 63):
+        raise InputError(f"seed={seed!r} must be an integer below 2**63 (negative: random)")
+    key = jax.random.key(secrets.randbits(63) if seed is None or seed < 0 else int(seed))
     return jax.device_put(key, device)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +37,16 @@ class SamplingParams:
     repeat_last_n: int = 64
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise InputError(f"temperature={self.temperature} must be >= 0")
+        if not 0 <= self.temperature < math.inf:
+            raise InputError(f"temperature={self.temperature} must be a finite number >= 0")
         if self.top_k < 0:
             raise InputError(f"top_k={self.top_k} must be >= 0")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p={self.top_p} must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
             raise InputError(f"min_p={self.min_p} must be in [0, 1]")
-        if not self.repeat_penalty > 0:
-            raise InputError(f"repeat_penalty={self.repeat_penalty} must be > 0")
+        if not 0 < self.repeat_penalty < math.inf:
+            raise InputError(f"repeat_penalty={self.repeat_penalty} must be a finite number > 0")
         if self.repeat_last_n < 0:
             raise InputError(f"repeat_last_n={self.repeat_last_n} must be >= 0")
 

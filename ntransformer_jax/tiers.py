@@ -177,7 +177,8 @@ def limit_pinned_pool(ram_budget_gb: float | None) -> str | None:
     effect if set before JAX starts its GPU backend, so the CLI and benchmarks call this first;
     an existing setting is left alone. Returns the value used.
     """
-    if PINNED_POOL_ENV in os.environ or ram_budget_gb is None or ram_budget_gb <= 0:
+    if (PINNED_POOL_ENV in os.environ or ram_budget_gb is None or not math.isfinite(ram_budget_gb)
+            or ram_budget_gb <= 0):     # a bad budget is TierOptions' error to name
         return os.environ.get(PINNED_POOL_ENV)
     os.environ[PINNED_POOL_ENV] = str(math.ceil(ram_budget_gb + PINNED_POOL_SLACK_GB))
     return os.environ[PINNED_POOL_ENV]

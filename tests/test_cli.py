@@ -30,12 +30,24 @@ def test_cli_seed_reproducible(smollm_path):
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
 
 
+def test_cli_n_predict_minus_one_runs_to_the_context(smollm_path):
+    """--n_predict -1 (llama.cpp's "no limit"): greedy generation ends with a full context."""
+    r = run_cli("--prompt", "Once upon a time", "--n_predict", "-1", "--ctx_size", "24", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "stop: ctx_size" in r.stderr or "stop: eog" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--model", "/nonexistent/model.gguf"], "not found"),
     (["--model", "/"], "directory"),
     (["--top_p", "0"], "top_p"),
     (["--temperature", "-1"], "temperature"),
     (["--n_predict", "abc"], "n_predict"),
+    (["--n_predict", "-2"], "n_predict"),
+    (["--temperature", "inf"], "temperature"),
+    (["--repeat_penalty", "nan"], "repeat_penalty"),
+    (["--seed", str(1 << 70)], "seed"),
+    (["--ram_budget_gb", "nan"], "ram_budget_gb"),
 ])
 def test_cli_bad_input_is_one_error_line(args, needle, smollm_path):
     r = run_cli("--prompt", "hi", *args)

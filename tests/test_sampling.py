@@ -84,7 +84,9 @@ def test_same_seed_same_tokens_and_distribution():
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5),
-                                    dict(min_p=-0.1), dict(top_k=-1), dict(repeat_penalty=0.0)])
+                                    dict(min_p=-0.1), dict(top_k=-1), dict(repeat_penalty=0.0),
+                                    dict(temperature=float("inf")), dict(temperature=float("nan")),
+                                    dict(repeat_penalty=float("inf")), dict(top_p=float("nan"))])
 def test_invalid_params_raise(kwargs):
     with pytest.raises(InputError):
         SamplingParams(**kwargs)
