@@ -418,7 +418,13 @@ class Engine:
     # -- forward ---------------------------------------------------------------------------
 
     def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
-        arr = np.asarray(list(ids), dtype=np.int64)
+        if isinstance(ids, (str, bytes)):
+            raise InputError("token ids must be a sequence of integers, not text (see tokenize)")
+        raw = np.asarray(list(ids))
+        if raw.size and (raw.dtype.kind not in "iu" or raw.ndim != 1):
+            raise InputError("token ids must be a flat sequence of integers"
+                             + (f" (got {raw.dtype} values)" if raw.ndim == 1 else ""))
+        arr = raw.astype(np.int64)
         if arr.ndim != 1:
             raise InputError("token ids must be a flat sequence of integers")
         if arr.size and (arr.min() < 0 or arr.max() >= self.config.n_vocab):

@@ -83,10 +83,16 @@ class TierOptions:
     layout: str = "spread"
 
     def __post_init__(self):
+        number = (int, float, np.integer, np.floating)
         for name in ("vram_budget_gb", "ram_budget_gb"):
             v = getattr(self, name)
-            if v is not None and not (v >= 0 and np.isfinite(v)):
-                raise InputError(f"{name}={v} must be a non-negative number of GB")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, number)
+                                  or not (v >= 0 and np.isfinite(v))):
+                raise InputError(f"{name}={v!r} must be a non-negative number of GB")
+        for name in ("max_vram_layers", "max_ram_layers", "prefetch_depth", "read_threads"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise InputError(f"{name}={v!r} must be an integer")
         for name in ("max_vram_layers", "max_ram_layers"):
             v = getattr(self, name)
             if v is not None and v < 0:

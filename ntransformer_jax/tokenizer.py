@@ -359,6 +359,24 @@ def _bpe_merges(metadata: Mapping[str, Any], vocab: Mapping[str, int]) -> list[t
 # ---------------------------------------------------------------------------------------------
 
 
+
+def _as_text(text) -> str:
+    """`text` as a str to tokenize: str as is, bytes decoded as UTF-8; anything else, bytes that
+    are not UTF-8, and str holding lone surrogates (undecodable bytes of a command line) are an
+    InputError."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            return bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"text is not valid UTF-8 (byte {e.start})") from None
+    if not isinstance(text, str):
+        raise InputError(f"text to tokenize must be a string, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"text is not valid UTF-8 (undecodable character at position {e.start})") from None
+    return text
+
 class Tokenizer:
     """GGUF tokenizer with llama.cpp's semantics; build it with `Tokenizer.from_metadata`.
 
@@ -475,6 +493,7 @@ class Tokenizer:
         Returns:
           The token ids.
         """
+        text = _as_text(text)
         ids: list[int] = []
         if add_special and self.add_bos:
             ids.append(self.bos_id)

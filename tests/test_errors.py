@@ -209,6 +209,35 @@ def test_api_input_errors(valid):
         nt.load(valid, ctx_size=-1)
 
 
+@pytest.mark.parametrize("call,needle", [
+    (lambda e: e.logits(np.array([1.5, 2.0])), "integers.*float64"),
+    (lambda e: e.logits("hello"), "not text"),
+    (lambda e: e.logits([[1, 2], [3, 4]]), "flat sequence"),
+    (lambda e: e.tokenize(123), "must be a string, not int"),
+    (lambda e: list(e.generate(b"hi \xff", max_new_tokens=2)), "not valid UTF-8"),
+    (lambda e: list(e.generate("hi \udcff", max_new_tokens=2)), "not valid UTF-8"),
+    (lambda e: list(e.generate_tokens([1, 2], max_new_tokens=2, seed=1 << 64)), "seed"),
+])
+def test_api_bad_arguments_are_input_errors(call, needle, valid):
+    with pytest.raises(InputError, match=needle):
+        call(nt.load(valid, ctx_size=16))
+
+
+def test_api_bytes_prompt_is_utf8_text(valid):
+    e = nt.load(valid, ctx_size=16)
+    assert e.tokenize("héllo".encode()) == e.tokenize("héllo")
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(vram_budget_gb="24"), "vram_budget_gb='24'"), (dict(ram_budget_gb=True), "ram_budget_gb"),
+    (dict(prefetch_depth=2.5), "prefetch_depth=2.5 must be an integer"),
+    (dict(max_vram_layers="3"), "max_vram_layers"),
+])
+def test_load_option_types(kwargs, needle, valid):
+    with pytest.raises(InputError, match=needle):
+        nt.load(valid, ctx_size=16, **kwargs)
+
+
 def test_parser_matches_gguf_reader(valid, smollm_path):
     """The defensive parser reads the same metadata and tensor bytes as `gguf.GGUFReader`."""
     for path in (valid, smollm_path):
