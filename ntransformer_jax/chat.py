@@ -124,6 +124,11 @@ def _check_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
                 raise InputError(f"messages[{i}][{key!r}] must be a string, got {m.get(key)!r}")
+            try:
+                m[key].encode("utf-8")
+            except UnicodeEncodeError as e:   # lone surrogates: undecodable input bytes
+                raise InputError(f"messages[{i}][{key!r}] is not valid UTF-8 text (undecodable "
+                                 f"character at position {e.start})") from None
         out.append(dict(m))
     return out
 

@@ -170,6 +170,12 @@ def _chat(engine) -> None:
                 session.reset()
             elif text:
                 try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:   # undecodable bytes on stdin
+                    print(f"error: the message is not valid UTF-8 (undecodable byte at position "
+                          f"{e.start}); not sent", file=sys.stderr)
+                    continue
+                try:
                     turn(text)
                 except InputError as e:   # e.g. the conversation outgrew the context
                     print(f"error: {_one_line(str(e))}", file=sys.stderr)

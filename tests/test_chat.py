@@ -275,6 +275,19 @@ def test_cli_chat_two_turns_on_a_terminal(smollm_path):
     assert "error" not in stderr and "Traceback" not in stderr
 
 
+def test_cli_chat_bad_utf8_line_is_skipped_not_fatal(tiny_f32_path):
+    """A line of undecodable bytes gets one error line and is not sent; the chat goes on."""
+    r = subprocess.run([sys.executable, "-m", "ntransformer_jax", "--chat", "--model", tiny_f32_path,
+                        "--chat_template", "{{ messages[-1].content }}", "--n_predict", "2",
+                        "--temperature", "0"], input=b"hi \xff\xfe\nhello\n", capture_output=True,
+                       timeout=300)
+    stderr = r.stderr.decode()
+    assert r.returncode == 0, stderr
+    errors = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "not valid UTF-8" in errors[0], stderr
+    assert r.stdout.decode().count("> ") >= 3, r.stdout    # prompts: bad line, hello, end
+
+
 @pytest.mark.parametrize("end", ["ctrl-d", "ctrl-c"])
 def test_cli_chat_ends_cleanly(end, tiny_f32_path):
     chat = PtyChat("--chat", "--model", tiny_f32_path, "--chat_template", "{{ messages[-1].content }}")
