@@ -40,6 +40,7 @@ KEY_ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"
 KEY_ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
 KEY_ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
 KEY_VOCAB = "{arch}.vocab_size"
+KEY_EXPERTS = "{arch}.expert_count"
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
@@ -106,6 +107,10 @@ class LlamaConfig:
                 raise ModelFileError(f"{source}: metadata key {name!r} must be an integer, got {value!r}")
             return kind(value)
 
+        n_experts = get(KEY_EXPERTS, 0)
+        if n_experts > 0:
+            raise ModelFileError(f"{source}: mixture-of-experts models are not supported "
+                                 f"({KEY_EXPERTS.format(arch=arch)}={n_experts})")
         n_embd = get(KEY_N_EMBD)
         n_head = get(KEY_N_HEAD)
         n_kv_head = get(KEY_N_KV_HEAD, n_head)

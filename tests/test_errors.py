@@ -75,6 +75,9 @@ BAD_FILES = {
                    ["unsupported architecture", "mamba"]),
     "arch_gpt2": (lambda v, d: B.rewritten(v, os.path.join(d, "gpt2.gguf"), arch="gpt2"),
                   ["unsupported architecture", "gpt2"]),
+    "moe": (lambda v, d: B.rewritten(v, os.path.join(d, "moe.gguf"), set_keys={
+        "llama.expert_count": (8, B.VT.UINT32), "llama.expert_used_count": (2, B.VT.UINT32)}),
+        ["mixture-of-experts", "llama.expert_count=8"]),
     "iq2_xxs": (lambda v, d: B.rewritten(v, os.path.join(d, "iq2.gguf"),
                                          retype={"blk.0.attn_q.weight": QT.IQ2_XXS}),
                 ["unsupported quantization type IQ2_XXS", "blk.0.attn_q.weight"]),
