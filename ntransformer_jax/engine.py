@@ -13,7 +13,7 @@ import functools
 import os
 import secrets
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import gguf
 import jax
@@ -539,9 +539,20 @@ class Engine:
         """Tokens whose keys/values sit in the cache, position 0 first (for prefix reuse)."""
         return list(self._cached)
 
+    def _sampling(self, params: SamplingParams, ignore_eos: bool) -> SamplingParams:
+        """`params` checked against this vocabulary, with the end-of-generation tokens banned
+        when `ignore_eos` (as llama.cpp's --ignore-eos: they are never sampled)."""
+        if ignore_eos:
+            params = dataclasses.replace(
+                params, banned=tuple(sorted(set(params.banned) | set(self.tokenizer.eog_ids))))
+        bad = [t for t in params.banned if t >= self.config.n_vocab]
+        if bad:
+            raise InputError(f"banned token id {bad[0]} is outside the vocabulary [0, {self.config.n_vocab})")
+        return params
+
     def generate_tokens(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 128,
                         params: SamplingParams = SamplingParams(), seed: int | None = None,
-                        start_pos: int = 0) -> Iterator[int]:
+                        start_pos: int = 0, ignore_eos: bool = False) -> Iterator[int]:
         """Yield new token ids after `prompt_ids`, stopping at end-of-generation, the limit or ctx_size.
 
         Args:
@@ -551,7 +562,10 @@ class Engine:
           seed: PRNG seed (None or negative: random).
           start_pos: keep the cache entries of `cached_tokens[:start_pos]` and continue after
             them (a chat turn appends this way); 0 starts a fresh context.
+          ignore_eos: never sample end-of-generation tokens (generation runs to the limit or
+            ctx_size), as llama.cpp's --ignore-eos.
         """
+        params = self._sampling(params, ignore_eos)
         if self.draft is not None and start_pos == 0 and params.repeat_penalty == 1.0:
             if max_new_tokens < 0:
                 raise InputError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -618,13 +632,14 @@ class Engine:
             pos += 1
 
     def generate_batch_tokens(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
-                              params: SamplingParams = SamplingParams(), seed: int | None = None
-                              ) -> list[list[int]]:
+                              params: SamplingParams = SamplingParams(), seed: int | None = None,
+                              ignore_eos: bool = False) -> list[list[int]]:
         """Generate for several token prompts together: each streamed layer is read once per
         step for all of them. Each row stops on its own (end-of-generation, the limit, ctx_size).
 
         Returns the new tokens of each prompt (the end-of-generation token excluded).
         """
+        params = self._sampling(params, ignore_eos)
         rows = [self._check_ids(p) for p in prompts]
         if not rows:
             return []
@@ -691,12 +706,15 @@ class Engine:
     def generate_batch(self, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,
                        top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                        repeat_penalty: float = 1.0, seed: int | None = None, *,
-                       repeat_last_n: int = 64) -> list[str]:
+                       repeat_last_n: int = 64, ignore_eos: bool = False) -> list[str]:
         """Continue every prompt, decoding them together; returns the continuations in order."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
+        if isinstance(prompts, (str, bytes)):
+            raise InputError("prompts must be a list of strings (one per row), not one string")
         ids = [self.tokenize(p) for p in prompts]
-        outs = self.generate_batch_tokens(ids, max_new_tokens=max_new_tokens, params=params, seed=seed)
+        outs = self.generate_batch_tokens(ids, max_new_tokens=max_new_tokens, params=params, seed=seed,
+                                          ignore_eos=ignore_eos)
         return [b"".join(self.tokenizer.token_bytes(t) for t in o).decode("utf-8", errors="replace")
                 for o in outs]
 
@@ -704,18 +722,36 @@ class Engine:
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  repeat_penalty: float = 1.0, seed: int | None = None, *,
                  repeat_last_n: int = 64, add_special: bool = True,
-                 parse_special: bool = True) -> Iterator[str]:
+                 parse_special: bool = True, ignore_eos: bool = False,
+                 stop: Sequence[str] = ()) -> Iterator[str]:
         """Generate a continuation of `prompt`, yielding text pieces as they are produced.
 
         A UTF-8 character split across tokens is yielded once it is whole. Stops at an
-        end-of-generation token, after `max_new_tokens`, or when the context is full
-        (`last_stats.stop_reason` tells which).
+        end-of-generation token (unless `ignore_eos`), after `max_new_tokens`, when the context
+        is full, or where the text reaches one of the `stop` strings, which is not yielded
+        (`last_stats.stop_reason`: "eog", "max_new_tokens", "ctx_size" or "stop"). Text that
+        could be the start of a stop string is held back until it is known not to be one.
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
+        stop = _check_stop(stop)
         ids = self.tokenize(prompt, add_special=add_special, parse_special=parse_special)
-        yield from decode_stream(self.generate_tokens(ids, max_new_tokens=max_new_tokens, params=params,
-                                                      seed=seed), self.tokenizer.token_bytes)
+        tokens = self.generate_tokens(ids, max_new_tokens=max_new_tokens, params=params, seed=seed,
+                                      ignore_eos=ignore_eos)
+        pieces = decode_stream(tokens, self.tokenizer.token_bytes)
+        if not stop:
+            yield from pieces
+            return
+        try:
+            for text, hit in until_stop(pieces, stop):
+                if text:
+                    yield text
+                if hit:
+                    tokens.close()           # no more decode steps
+                    self.last_stats.stop_reason = "stop"
+                    return
+        finally:
+            tokens.close()
 
     def chat(self, messages: Sequence[dict[str, str]], *, chat_template: str | None = None,
              **sampling) -> Iterator[str]:
@@ -732,6 +768,39 @@ class Engine:
         """
         from ntransformer_jax import chat
         return chat.complete(self, messages, template=chat_template, **sampling)
+
+
+def _check_stop(stop: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = (stop,)
+    try:
+        stop = tuple(stop)
+    except TypeError:
+        raise InputError(f"stop={stop!r} must be a string or a list of strings") from None
+    if not all(isinstance(s, str) and s for s in stop):
+        raise InputError(f"stop={stop!r} must be non-empty strings")
+    return stop
+
+
+def until_stop(pieces: Iterable[str], stop: Sequence[str]) -> Iterator[tuple[str, bool]]:
+    """(text, hit) pairs: `pieces` re-cut so that no text at or after the first occurrence of
+    any `stop` string is yielded; `hit` is True on the last pair when a stop string was found.
+    The tail that could begin a stop string is held back until the next piece decides it."""
+    held = ""
+    for piece in pieces:
+        held += piece
+        found = [i for i in (held.find(s) for s in stop) if i >= 0]
+        if found:
+            yield held[:min(found)], True
+            return
+        # The longest suffix of `held` that is a proper prefix of some stop string stays.
+        keep = max((k for s in stop for k in range(min(len(s) - 1, len(held)), 0, -1)
+                    if held.endswith(s[:k])), default=0)
+        if len(held) > keep:
+            yield held[:len(held) - keep], False
+            held = held[len(held) - keep:]
+    if held:
+        yield held, False
 
 
 _TIER_OPTIONS = {f.name for f in dataclasses.fields(TierOptions)}

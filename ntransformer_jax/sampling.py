@@ -1,7 +1,8 @@
 """Token sampling on device, in llama.cpp's default order.
 
-Chain: repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw. With temperature 0
-the chain ends in argmax after the penalty (greedy). Candidates removed by a filter get -inf.
+Chain: banned tokens -> repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
+With temperature 0 the chain ends in argmax after the penalty (greedy). Candidates removed by a
+filter get -inf.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class SamplingParams:
       min_p: drop tokens whose probability is below min_p times the best one's (0 disables).
       repeat_penalty: divide positive / multiply negative logits of recently seen tokens (1.0 disables).
       repeat_last_n: how many recent tokens the penalty looks at.
+      banned: token ids never sampled (their logits become -inf first, as llama.cpp's logit
+        bias of -inf; the engine's `ignore_eos` bans the end-of-generation tokens this way).
     """
 
     temperature: float = 0.8
@@ -35,6 +38,7 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
+    banned: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not 0 <= self.temperature < math.inf:
@@ -49,6 +53,9 @@ class SamplingParams:
             raise InputError(f"repeat_penalty={self.repeat_penalty} must be a finite number > 0")
         if self.repeat_last_n < 0:
             raise InputError(f"repeat_last_n={self.repeat_last_n} must be >= 0")
+        if not isinstance(self.banned, tuple) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.banned):
+            raise InputError(f"banned={self.banned!r} must be a tuple of token ids (ints >= 0)")
 
     @property
     def greedy(self) -> bool:
@@ -61,6 +68,14 @@ def apply_repeat_penalty(logits: jax.Array, recent: jax.Array, penalty: float) -
     hits = jax.vmap(lambda r: jnp.zeros((v,), bool).at[jnp.where(r >= 0, r, v)].set(True, mode="drop"))(recent)
     penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
     return jnp.where(hits, penalized, logits)
+
+
+def ban_tokens(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """logits [B, V] with `params.banned` at -inf (ids past the vocabulary are the engine's
+    error to report; here they are dropped)."""
+    if not params.banned:
+        return logits
+    return logits.at[:, jnp.asarray(params.banned, jnp.int32)].set(-jnp.inf, mode="drop")
 
 
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
@@ -95,7 +110,7 @@ def sample(logits: jax.Array, recent: jax.Array, key: jax.Array, params: Samplin
     Returns:
       [B] int32 token ids.
     """
-    logits = logits.astype(jnp.float32)
+    logits = ban_tokens(logits.astype(jnp.float32), params)
     if params.repeat_penalty != 1.0:
         logits = apply_repeat_penalty(logits, recent, params.repeat_penalty)
     if params.greedy:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntransformer_jax.errors import InputError
-from ntransformer_jax.sampling import SamplingParams, filter_logits
+from ntransformer_jax.sampling import SamplingParams, ban_tokens, filter_logits
 
 if TYPE_CHECKING:
     from ntransformer_jax.engine import Engine
@@ -48,7 +48,7 @@ class SpeculativeStats:
 @functools.partial(jax.jit, static_argnames=("params",))
 def distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """Sampling probabilities [n, V] from logits [n, V] (one-hot argmax when greedy)."""
-    logits = logits.astype(jnp.float32)
+    logits = ban_tokens(logits.astype(jnp.float32), params)
     if params.greedy:
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(filter_logits(logits, params) / params.temperature, axis=-1)

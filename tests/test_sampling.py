@@ -90,3 +90,24 @@ def test_same_seed_same_tokens_and_distribution():
 def test_invalid_params_raise(kwargs):
     with pytest.raises(InputError):
         SamplingParams(**kwargs)
+
+
+def test_banned_tokens_are_never_sampled():
+    rng = np.random.default_rng()
+    logits = _logits(rng)
+    best = np.argmax(np.asarray(logits), -1)
+    banned = tuple(sorted({int(t) for t in best} | {0, V - 1}))
+    greedy = np.asarray(sample(logits, _no_recent(), jax.random.key(0), SamplingParams(temperature=0, banned=banned)))
+    masked = np.asarray(logits).copy()
+    masked[:, list(banned)] = -np.inf
+    np.testing.assert_array_equal(greedy, np.argmax(masked, -1))
+    params = SamplingParams(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0, banned=banned)
+    draws = np.concatenate([np.asarray(sample(logits, _no_recent(), jax.random.key(s), params)) for s in range(200)])
+    assert not set(draws.tolist()) & set(banned)
+    assert len(set(draws.tolist())) > 10           # still a spread over the rest
+
+
+@pytest.mark.parametrize("banned", [[1, 2], (1, -1), (1.5,), (True,)])
+def test_bad_banned_tokens(banned):
+    with pytest.raises(InputError, match="banned"):
+        SamplingParams(banned=banned)
