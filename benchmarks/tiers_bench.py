@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,8 +53,22 @@ flags.register_validator("n_mmap", lambda n: n == 0 or n >= 2,
                          "--n_mmap must be 0 (skip) or at least 2: the first token is not a cold pass")
 
 
-def rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+def reset_peak_rss() -> None:
+    """Reset this process's VmHWM (peak RSS) to its current RSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def hwm_gb() -> float:
+    """VmHWM: the peak RSS since the start or the last `reset_peak_rss`, in GB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return 0.0
 
 
 def proc_status() -> dict:
@@ -97,6 +110,8 @@ def run(path: str, n_tokens: int, cold_each_token: bool = False, **opts) -> dict
     engine = nt.load(path, ctx_size=FLAGS.ctx_size, **opts)
     load_s = time.perf_counter() - t
     proc_loaded = proc_status()
+    load_peak = hwm_gb()   # VmHWM: this process alone (ru_maxrss counts the parent at fork)
+    reset_peak_rss()       # from here VmHWM is the peak of generation alone
     prompt = list(range(10, 18))
     params = nt.SamplingParams(temperature=0)
     list(engine.generate_tokens(prompt, max_new_tokens=2, params=params))      # compile
@@ -117,7 +132,8 @@ def run(path: str, n_tokens: int, cold_each_token: bool = False, **opts) -> dict
                plan=engine.plan.summary(), tok_per_s=st.generate_tok_per_s, per_token=st.per_token(),
                token_times=token_times, proc=proc_status(), proc_loaded=proc_loaded,
                steady_tok_per_s=1 / statistics.median(token_times[2:-1] or token_times[:1]),
-               device_peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9, host_maxrss_gb=rss_gb(),
+               device_peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9, host_maxrss_gb=max(load_peak, hwm_gb()),
+               load_peak_rss_gb=load_peak, generate_peak_rss_gb=hwm_gb(),
                bytes_streamed_per_token=engine.plan.bytes_in("ram") + engine.plan.bytes_in("disk"))
     engine.close()
     del engine
@@ -218,7 +234,8 @@ def main(argv):
               f"cold {r.get('tok_per_s_cold', 0):.3f} x{r.get('speedup_steady', 0):.1f} rss {r.get('proc')} "
               f"disk/cold {r.get('disk_ratio_to_cold_read', 0):.2f} {r.get('error', '')[-300:]} roofline {r.get('roofline_tok_per_s', 0):.2f} "
               f"wait_copy {p.get('wait_copy_s', 0) * 1e3:.0f} ms wait_disk {p.get('wait_disk_s', 0) * 1e3:.0f} ms "
-              f"peak {r['device_peak_gb']:.1f} GB rss {r['host_maxrss_gb']:.1f} GB {r['plan']}")
+              f"peak {r['device_peak_gb']:.1f} GB rss {r['host_maxrss_gb']:.1f} GB (load "
+              f"{r.get('load_peak_rss_gb', 0):.1f}, generation {r.get('generate_peak_rss_gb', 0):.1f}) {r['plan']}")
 
 
 if __name__ == "__main__":
