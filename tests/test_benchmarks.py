@@ -1,4 +1,4 @@
-"""CPU smoke runs of the GPU benchmark scripts (benchmarks/kernels_bench.py, layer_jit.py).
+"""CPU smoke runs of the GPU benchmark scripts (kernels_bench.py, layer_jit.py, tiers_bench.py, ...).
 
 `--smoke` runs each script's whole path on tiny shapes (the kernels in Pallas interpret mode), so
 a script handed to the GPU machine does not die on its first line there.
@@ -124,3 +124,26 @@ def test_profile_decode_summarizes_a_trace(tmp_path):
         res["kernel_us_per_token"])
     assert profile_decode.summarize(str(trace), 4, 5)["kernels_per_token"] == 0  # no GPU here
     assert profile_decode.kernel_group("qmatvec") == "decode kernel (qmatvec)"
+
+
+def test_tiers_bench_smoke_reports_its_own_peak_rss(tmp_path):
+    """tiers_bench end to end on the tiny shape (pipeline with RAM and disk tiers, the mmap
+    baseline), each run in its own process. Its peak RSS is that process's own (VmHWM), not the
+    parent's high-water mark inherited through fork (`ru_maxrss` of the child reported 8.8 GB
+    here against 0.3 GB of its own)."""
+    import subprocess
+    bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "tiers_bench.py")
+    r = subprocess.run([sys.executable, bench, "--shape", "tiny", "--quant", "Q8_0", "--vram_budget_gb", "0.05",
+                        "--ram_budget_gb", "1", "--n_decode", "3", "--n_mmap", "2", "--disk_ram_budget_gb", "0.001",
+                        "--n_disk", "2", "--workdir", str(tmp_path), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                           os.path.join(os.path.dirname(__file__), ".."), os.environ.get("PYTHONPATH")]))})
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = json.loads((tmp_path / "tiers_bench.json").read_text())["runs"]
+    assert len(runs) == 3, [x["opts"] for x in runs]
+    for run in runs:
+        own = max(run["proc"]["VmRSS"], run["proc_loaded"]["VmRSS"])
+        assert 0 < run["load_peak_rss_gb"] and 0 < run["generate_peak_rss_gb"]
+        assert run["host_maxrss_gb"] == max(run["load_peak_rss_gb"], run["generate_peak_rss_gb"])
+        assert run["host_maxrss_gb"] < own + 1.0, (run["opts"], run["host_maxrss_gb"], own)
