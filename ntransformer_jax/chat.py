@@ -23,7 +23,7 @@ import jinja2.sandbox
 
 from ntransformer_jax.errors import InputError, NTransformerError
 from ntransformer_jax.sampling import SamplingParams
-from ntransformer_jax.tokenizer import decode_stream
+from ntransformer_jax.tokenizer import check_utf8, decode_stream
 
 if TYPE_CHECKING:
     from ntransformer_jax.engine import Engine
@@ -124,11 +124,7 @@ def _check_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
                 raise InputError(f"messages[{i}][{key!r}] must be a string, got {m.get(key)!r}")
-            try:
-                m[key].encode("utf-8")
-            except UnicodeEncodeError as e:   # lone surrogates: undecodable input bytes
-                raise InputError(f"messages[{i}][{key!r}] is not valid UTF-8 text (undecodable "
-                                 f"character at position {e.start})") from None
+            check_utf8(m[key], f"messages[{i}][{key!r}]")
         out.append(dict(m))
     return out
 

@@ -89,15 +89,20 @@ def _check_flags() -> None:
     if FLAGS.ctx_size < 0:
         raise InputError(f"--ctx_size={FLAGS.ctx_size} must be >= 0")
     if FLAGS.file is not None:
-        FLAGS.prompt = _prompt_text()       # every mode reads --prompt from here on
+        if FLAGS.prompt:
+            raise InputError("give the prompt with --prompt or --file, not both")
+        FLAGS.prompt = _read_text_file("file", FLAGS.file)   # every mode reads --prompt from here on
         FLAGS.file = None
     for name in ("stop", "ignore_eos"):
         if FLAGS[name].value and FLAGS.chat:
             raise InputError(f"--{name} is not used with --chat")
     if FLAGS.stop and FLAGS.batch_file:
         raise InputError("--stop is not used with --batch_file")
-    if not all(FLAGS.stop):
-        raise InputError("--stop needs a non-empty string")
+    from ntransformer_jax.engine import _check_stop   # generate's own check, before loading
+    try:
+        _check_stop(FLAGS.stop)
+    except InputError as e:
+        raise InputError(f"--{e}") from None
     # The sampling flags have SamplingParams' own names: its checks, its messages, as flags.
     from ntransformer_jax.sampling import SamplingParams
     try:
@@ -108,22 +113,19 @@ def _check_flags() -> None:
         raise InputError(f"--{e}") from None
 
 
-def _prompt_text() -> str:
-    """--prompt, or the contents of --file."""
+def _read_text_file(flag: str, path: str) -> str:
+    """The UTF-8 text of the file named by --`flag`; a missing file or bytes that are not UTF-8
+    are an InputError naming the flag and the path."""
     from ntransformer_jax.errors import InputError
-    if FLAGS.file is None:
-        return FLAGS.prompt
-    if FLAGS.prompt:
-        raise InputError("give the prompt with --prompt or --file, not both")
     try:
-        with open(FLAGS.file, "rb") as f:
+        with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise InputError(f"--file {FLAGS.file}: {e.strerror}") from None
+        raise InputError(f"--{flag} {path}: {e.strerror}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"--file {FLAGS.file}: not UTF-8 text (byte {e.start})") from None
+        raise InputError(f"--{flag} {path}: not UTF-8 text (byte {e.start})") from None
 
 
 def _n_predict(engine) -> int:
@@ -203,14 +205,8 @@ def _chat(engine) -> None:
                 session.reset()
             elif text:
                 try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:   # undecodable bytes on stdin
-                    print(f"error: the message is not valid UTF-8 (undecodable byte at position "
-                          f"{e.start}); not sent", file=sys.stderr)
-                    continue
-                try:
                     turn(text)
-                except InputError as e:   # e.g. the conversation outgrew the context
+                except InputError as e:   # e.g. the conversation outgrew the context, bad UTF-8
                     print(f"error: {_one_line(str(e))}", file=sys.stderr)
     except KeyboardInterrupt:
         sys.stdout.write("\n")
@@ -288,14 +284,9 @@ def _inspect(path: str) -> None:
 
 def _read_batch_file(path: str) -> list[str]:
     from ntransformer_jax.errors import InputError
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.rstrip("\r\n") for line in f]
-    except OSError as e:
-        raise InputError(f"--batch_file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"--batch_file {path}: not UTF-8 text") from None
-    prompts = [p for p in prompts if p.strip()]
+    text = _read_text_file("batch_file", path)
+    # Lines as text mode reads them (universal newlines: \n, \r\n or \r).
+    prompts = [p for p in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if p.strip()]
     if not prompts:
         raise InputError(f"--batch_file {path}: no prompts (one prompt a line)")
     return prompts

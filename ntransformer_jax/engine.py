@@ -747,11 +747,10 @@ class Engine:
                 if text:
                     yield text
                 if hit:
-                    tokens.close()           # no more decode steps
                     self.last_stats.stop_reason = "stop"
                     return
         finally:
-            tokens.close()
+            tokens.close()           # no more decode steps
 
     def chat(self, messages: Sequence[dict[str, str]], *, chat_template: str | None = None,
              **sampling) -> Iterator[str]:

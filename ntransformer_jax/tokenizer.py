@@ -359,11 +359,19 @@ def _bpe_merges(metadata: Mapping[str, Any], vocab: Mapping[str, int]) -> list[t
 # ---------------------------------------------------------------------------------------------
 
 
+def check_utf8(text: str, what: str) -> None:
+    """InputError naming `what` if `text` holds lone surrogates (how Python decodes bytes that
+    are not UTF-8 from a command line or stdin): no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 text (undecodable character at position "
+                         f"{e.start})") from None
+
 
 def _as_text(text) -> str:
     """`text` as a str to tokenize: str as is, bytes decoded as UTF-8; anything else, bytes that
-    are not UTF-8, and str holding lone surrogates (undecodable bytes of a command line) are an
-    InputError."""
+    are not UTF-8, and str holding lone surrogates are an InputError."""
     if isinstance(text, (bytes, bytearray)):
         try:
             return bytes(text).decode("utf-8")
@@ -371,11 +379,9 @@ def _as_text(text) -> str:
             raise InputError(f"text is not valid UTF-8 (byte {e.start})") from None
     if not isinstance(text, str):
         raise InputError(f"text to tokenize must be a string, not {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"text is not valid UTF-8 (undecodable character at position {e.start})") from None
+    check_utf8(text, "text")
     return text
+
 
 class Tokenizer:
     """GGUF tokenizer with llama.cpp's semantics; build it with `Tokenizer.from_metadata`.
