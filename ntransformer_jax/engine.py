@@ -29,8 +29,8 @@ from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats,
                                           speculative_tokens)
 from ntransformer_jax.placement import is_layered, layer_span, plan_for, staging_bytes
 from ntransformer_jax.tiers import (LayerSource, MapReader, Streamer, StreamStats, TierOptions,
-                                    available_ram, free_device_memory, open_reader, pin_tree,
-                                    pinned_empty)
+                                    alloc_staging, available_ram, free_device_memory, open_reader,
+                                    pin_device_tree, pin_tree, pinned_empty, StreamingError)
 from ntransformer_jax.tokenizer import Tokenizer, decode_stream
 
 DEFAULT_CTX = 4096
@@ -264,24 +264,77 @@ class Engine:
         self.plan = plan_for(f, self.ctx_size, opts, free_device_memory(self.device), available_ram(),
                              prefill_chunk=MAX_PREFILL_CHUNK, packed=self.kernels != "off")
         layer_bytes = list(self.plan.layer_bytes)
-        spans = [layer_span(f, i) for i in range(cfg.n_layers)]
-        staging = staging_bytes(spans)
         self.placement = list(self.plan.tiers)
         self.layered = is_layered(self.plan, opts)
-        total = sum(layer_bytes)
-        done = 0
+        # The globals first, their file pages dropped at once: their transit through host memory
+        # does not add to the layers' (host RSS peaks below the RAM budget + the runtime's).
+        self._load_globals()
         if not self.layered:
             self._load_resident_segments(layer_bytes)
         else:
-            self.resident: dict[int, M.LayerWeights] = {}
-            sources: dict[int, LayerSource] = {}
+            self._load_layered(layer_bytes)
+        if self.device.platform != "cpu":
+            # Everything placed is now a copy (device or pinned host): drop the file pages this
+            # process touched from its RSS. (On CPU the arrays may alias the map: keep it.)
+            jax.block_until_ready(jax.tree_util.tree_leaves((self.globals, getattr(self, "resident", {}),
+                                                             getattr(self, "segments", ()))))
+            f.release_pages()
+
+    def _load_globals(self) -> None:
+        f, cfg = self.model_file, self.config
+        embd = self._qtensor(f.tensor("token_embd.weight"))
+        output = embd if cfg.tied_output else self._qtensor(f.tensor("output.weight"))
+        factors = (np.asarray(_to_host_array(f.tensor("rope_freqs.weight")), np.float32).reshape(-1)
+                   if cfg.has_rope_freqs else None)
+        self.globals = M.GlobalWeights(
+            token_embd=embd,
+            output_norm=self._vector(f.tensor("output_norm.weight")),
+            output=output,
+            rope_inv_freq=jax.device_put(M.rope_inv_freq(cfg, factors), self.device),
+        )
+        if self.device.platform != "cpu":
+            jax.block_until_ready(self.globals)
+            for name in ("token_embd.weight", "output.weight"):
+                if name in f.tensors:
+                    info = f.tensors[name]
+                    f.release_range(info.offset, info.n_bytes)
+
+    def _load_layered(self, layer_bytes: list[int]) -> None:
+        """Place each layer in its tier and start the streamer.
+
+        Where anything streams, VRAM and RAM layers are read like disk-tier layers: through the
+        tier's reader into one staging buffer (later the streamer's first slot), copied to the
+        device and repacked there (`_pack_on_device`); RAM layers then come back into their
+        pinned buffer one array at a time. Host memory thus holds no layer in transit beyond that
+        staging buffer (repacking on the host took three copies of a layer at once), and device
+        memory no more than the prefetch slots it later hands to the streamer. With nothing
+        streamed (no slots to borrow) layers are repacked on the host as the resident path does.
+        """
+        f, opts = self.model_file, self.tier_options
+        spans = [layer_span(f, i) for i in range(self.config.n_layers)]
+        staging = staging_bytes(spans)
+        self.resident: dict[int, M.LayerWeights] = {}
+        sources: dict[int, LayerSource] = {}
+        streams = any(t != "vram" for t in self.placement)
+        needs_reader = any(t == "disk" for t in self.placement) and opts.streaming != "mmap"
+        reader = open_reader(f.path, opts) if needs_reader else None
+        load_reader = reader if reader is not None else (open_reader(f.path, opts) if streams else None)
+        load_buf = alloc_staging(staging) if streams else None
+        total, done = sum(layer_bytes), 0
+        try:
             for i, tier in enumerate(self.placement):
-                if tier == "vram":
+                if tier in ("vram", "ram") and streams:
+                    tree = self._read_layer(i, spans[i], load_reader, load_buf, device=tier == "vram"
+                                            or self._pack_on_device is not None)
+                    if tier == "vram":
+                        self.resident[i] = tree
+                    else:
+                        host = pin_device_tree(tree) if isinstance(
+                            jax.tree_util.tree_leaves(tree)[0], jax.Array) else pin_tree(tree)
+                        sources[i] = LayerSource("ram", host_tree=host, n_bytes=layer_bytes[i])
+                        del tree
+                elif tier == "vram":
                     self.resident[i] = jax.block_until_ready(self._to_device(self._host_layer(i, pack=True)))
-                    self._release_layer_pages(i)
-                elif tier == "ram":
-                    sources[i] = LayerSource("ram", host_tree=pin_tree(self._host_layer(i, pack=True)),
-                                             n_bytes=layer_bytes[i])
                     self._release_layer_pages(i)
                 elif opts.streaming == "mmap":
                     infos = [f.layer_tensor(i, s) for s in LAYER_TENSORS]
@@ -297,29 +350,36 @@ class Engine:
                 done += layer_bytes[i]
                 if self._progress:
                     self._progress(done, total)
-            needs_reader = any(s.tier == "disk" for s in sources.values())
-            mapped = any(s.tier == "mmap" for s in sources.values())
-            reader = (open_reader(f.path, opts) if needs_reader
-                      else MapReader(f.path, f.tensor("token_embd.weight"),
-                                 release=f.release_range if self.device.platform != "cpu" else None)
-                      if mapped else None)
-            self.streamer = Streamer(sources, self.device, opts, reader, staging)
-        embd = self._qtensor(f.tensor("token_embd.weight"))
-        output = embd if cfg.tied_output else self._qtensor(f.tensor("output.weight"))
-        factors = (np.asarray(_to_host_array(f.tensor("rope_freqs.weight")), np.float32).reshape(-1)
-                   if cfg.has_rope_freqs else None)
-        self.globals = M.GlobalWeights(
-            token_embd=embd,
-            output_norm=self._vector(f.tensor("output_norm.weight")),
-            output=output,
-            rope_inv_freq=jax.device_put(M.rope_inv_freq(cfg, factors), self.device),
-        )
-        if self.device.platform != "cpu":
-            # Everything placed is now a copy (device or pinned host): drop the file pages this
-            # process touched from its RSS. (On CPU the arrays may alias the map: keep it.)
-            jax.block_until_ready(jax.tree_util.tree_leaves((self.globals, getattr(self, "resident", {}),
-                                                             getattr(self, "segments", ()))))
-            f.release_pages()
+        finally:
+            if load_reader is not None and load_reader is not reader:
+                load_reader.close()
+        mapped = any(s.tier == "mmap" for s in sources.values())
+        if mapped:
+            reader = MapReader(f.path, f.tensor("token_embd.weight"),
+                               release=f.release_range if self.device.platform != "cpu" else None)
+        self.streamer = Streamer(sources, self.device, opts, reader, staging,
+                                 staging=() if load_buf is None else (load_buf,))
+
+    def _read_layer(self, i: int, span: tuple[int, int], reader, buf: np.ndarray, device: bool):
+        """Layer i read through `reader` into staging `buf`: on the device and repacked there
+        (`device`), else (kernels off, a RAM layer) pinned on the host as read."""
+        view = buf[:span[1]]
+        try:
+            reader.read_into(view, span[0])
+        except OSError as e:
+            raise ModelFileError(f"cannot read layer {i} from {self.model_file.path}: "
+                                 f"{e.strerror or e}") from None
+        except StreamingError as e:
+            raise ModelFileError(f"layer {i}: {e}") from None
+        host = self._staged_layer(i, span[0], view)
+        if not device:
+            return host                         # views of staging: the caller copies them
+        if self.device.platform == "cpu":       # the CPU backend may alias: detach from staging
+            host = jax.tree_util.tree_map(np.array, host)
+        tree = jax.device_put(host, self.device)
+        if self._pack_on_device is not None:
+            tree = self._pack_on_device(tree)
+        return jax.block_until_ready(tree)      # staging reusable only once copied
 
     def _load_resident_segments(self, layer_bytes: list[int]) -> None:
         # Consecutive layers with the same weight signature (types and shapes) form a segment,

@@ -315,6 +315,18 @@ def add_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: floa
     return x, rms_norm(x, w, eps)
 
 
+def add_residual(x: jax.Array, parts: jax.Array, kernel: str | None) -> jax.Array:
+    """x + sum(parts) for x [B, T, D] and partial sums [P, B, T, D]: by `norm.add_parts` with
+    `kernel` and decode-sized x (one fixed summation order whether the block runs alone or in
+    the resident loop), else XLA."""
+    b, t, d = x.shape
+    if kernel and norm.supports(b * t, d):
+        out = norm.add_parts(x.reshape(b * t, d), parts.reshape(parts.shape[0], b * t, d),
+                             interpret=kernel == "interpret")
+        return out.reshape(x.shape)
+    return x + jnp.sum(parts, axis=0)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     ms = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(ms + eps) * weight
@@ -439,7 +451,7 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
         else:
             gate, up = linear(h, w.ffn_gate), linear(h, w.ffn_up)
         ff = jax.nn.silu(gate) * up
-    x = x + linear(ff, w.ffn_down)
+    x = add_residual(x, linear_parts(ff, w.ffn_down), kernel)
     return x, cache
 
 
@@ -486,8 +498,11 @@ def embed(token_embd: QTensor, ids: jax.Array) -> jax.Array:
 
 
 def head(output_norm: jax.Array, output: QTensor, x: jax.Array, eps: float) -> jax.Array:
-    """x [B, T, D] -> logits [B, T, V] float32."""
-    return linear(rms_norm(x, output_norm, eps), output)
+    """x [B, T, D] (or [B, D]) -> logits [B, T, V] float32. With a packed output matrix and
+    decode-sized x the norm is `norm.add_rms_norm`'s, as in the blocks."""
+    d = x.shape[-1]
+    h = add_norm(x.reshape(1, -1, d), None, output_norm, eps, output.kernel or None)
+    return linear(h.reshape(x.shape), output)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "all_logits"), donate_argnames=("caches",))

@@ -356,6 +356,25 @@ def pin_tree(tree):
     return jax.tree_util.tree_unflatten(treedef, views)
 
 
+def pin_device_tree(tree):
+    """A copy of a pytree of device arrays in one pinned host buffer (as `pin_tree` makes of host
+    arrays), copied one leaf at a time: besides the buffer, host memory holds at most the
+    largest leaf in transit, not the whole tree."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    offsets, total = [], 0
+    for a in leaves:
+        offsets.append(total)
+        total += -(-a.nbytes // 256) * 256
+    buf = alloc_staging(max(total, 1))
+    views = []
+    for a, o in zip(leaves, offsets):
+        dtype = np.dtype(a.dtype)
+        v = buf[o:o + a.nbytes].view(dtype).reshape(a.shape)
+        v[...] = np.asarray(a)
+        views.append(v)
+    return jax.tree_util.tree_unflatten(treedef, views)
+
+
 def pinned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialized host array in pinned memory where cupy can provide it (else plain)."""
     dtype = np.dtype(dtype)
@@ -606,7 +625,8 @@ class Streamer:
     """
 
     def __init__(self, sources: dict[int, LayerSource], device: jax.Device,
-                 options: TierOptions, reader, staging_bytes: int):
+                 options: TierOptions, reader, staging_bytes: int,
+                 staging: Sequence[np.ndarray] = ()):
         self.sources = sources
         self.order = sorted(sources)           # streamed layers, cyclic over tokens
         self.device = device
@@ -623,7 +643,9 @@ class Streamer:
             n_staging = self.depth + 1          # staging_bytes holds any span, mapped ones too
         else:
             n_staging, staging_bytes = (1, max(mapped)) if mapped else (0, 0)
-        self._staging = [alloc_staging(staging_bytes) for _ in range(n_staging)]
+        # Buffers handed over (the load's own staging) are used first, if large enough.
+        reuse = [b for b in staging if b.nbytes >= staging_bytes][:n_staging]
+        self._staging = reuse + [alloc_staging(staging_bytes) for _ in range(n_staging - len(reuse))]
         self._free_staging = list(range(n_staging))
         self._staging_lock = threading.Condition()
         self._io = cf.ThreadPoolExecutor(max_workers=max(1, self.depth), thread_name_prefix="ntj-fetch")

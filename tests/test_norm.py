@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,3 +62,24 @@ def test_bad_inputs_are_named(x, parts, w, match):
 def test_supports():
     assert norm.supports(1, 4096) and norm.supports(8, 256)
     assert not norm.supports(9, 4096) and not norm.supports(1, 576) and not norm.supports(0, 256)
+
+
+@pytest.mark.parametrize("m,d,p", [(1, 4096, 4), (3, 256, 1), (8, 1024, 2)])
+def test_add_parts_matches_float64_and_fixed_order(m, d, p):
+    seed = secrets.randbits(32)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, d)).astype(np.float32) * 3
+    parts = rng.standard_normal((p, m, d)).astype(np.float32)
+    got = np.asarray(norm.add_parts(jnp.asarray(x), jnp.asarray(parts), interpret=INTERPRET))
+    rx, _ = reference64(x, parts, np.ones(d, np.float32), 1e-5)
+    assert np.max(np.abs(got - rx)) <= 1e-6 * np.max(np.abs(rx)), seed
+    # the same call twice, and the same rows inside a larger jit: the same bits
+    again = jax.jit(lambda a, b: norm.add_parts(a, b, interpret=INTERPRET) * 1.0)(x, parts)
+    assert np.array_equal(np.asarray(again), got), seed
+
+
+def test_add_parts_bad_inputs_are_named():
+    with pytest.raises(InputError, match="rows"):
+        norm.add_parts(jnp.zeros((9, 256)), jnp.zeros((1, 9, 256)), interpret=True)
+    with pytest.raises(InputError, match="parts must be"):
+        norm.add_parts(jnp.zeros((1, 256)), jnp.zeros((1, 2, 256)), interpret=True)

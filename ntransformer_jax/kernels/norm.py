@@ -49,6 +49,10 @@ def _kernel(*refs, eps: float, stacked: bool, has_parts: bool):
     h_out[...] = x * lax.rsqrt(ms + eps) * w
 
 
+def _add_kernel(x_ref, parts_ref, x_out):
+    x_out[...] = x_ref[...] + jnp.sum(parts_ref[...], axis=0)
+
+
 def _check(x: jax.Array, parts: jax.Array, weight: jax.Array, layer) -> None:
     if x.ndim != 2 or x.dtype != jnp.float32:
         raise InputError(f"x must be float32 [M, D], got {x.dtype} {list(x.shape)}")
@@ -113,6 +117,37 @@ def add_rms_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: 
     return out[0] if parts is None else out
 
 
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def add_parts(x: jax.Array, parts: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """x + sum(parts, 0) for decode rows, the partial sums added in a fixed order by one kernel
+    (a block's last residual add: XLA's fusion of it may round differently inside the resident
+    layer loop than in a layer jitted alone, and logits must not depend on placement).
+
+    Args:
+        x: [M, D] float32, 1 <= M <= 8, D a power of two.
+        parts: [P, M, D] float32 partial sums (P a power of two).
+        interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
+
+    Raises:
+        InputError: shapes or dtypes the kernel does not take.
+    """
+    if parts is None:
+        raise InputError("add_parts needs parts [P, M, D]")
+    _check(x, parts, jnp.zeros(x.shape[1:], jnp.float32), None)
+    m, d = x.shape
+    row = pl.BlockSpec((None, d), lambda i: (i, 0))
+    return pl.pallas_call(
+        _add_kernel,
+        out_shape=jax.ShapeDtypeStruct((m, d), jnp.float32),
+        grid=(m,),
+        in_specs=[row, pl.BlockSpec((parts.shape[0], None, d), lambda i: (0, i, 0))],
+        out_specs=row,
+        compiler_params=plgpu.CompilerParams(num_warps=4 if d <= 4096 else 8, num_stages=1),
+        interpret=interpret,
+        name="add_parts",
+    )(x, parts)
+
+
 def add_rms_norm_reference(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: float, *,
                            layer: jax.Array | None = None, interpret: bool = False):
     """Plain-jnp `add_rms_norm` (same signature; `interpret` is ignored)."""
@@ -142,3 +177,7 @@ def self_test(width: int, interpret: bool = False) -> None:
         err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(got, want))
         if not err <= 1e-4:
             raise NTransformerError(f"add_rms_norm self-test (D={width}): max error {err:.3g}")
+    err = float(np.max(np.abs(np.asarray(add_parts(x, parts, interpret=interpret))
+                              - np.asarray(x + parts.sum(0)))))
+    if not err <= 1e-5:
+        raise NTransformerError(f"add_parts self-test (D={width}): max error {err:.3g}")
