@@ -33,13 +33,14 @@ PLACEMENTS = [
 ]
 
 
-def _check_resident(resident: np.ndarray, layered: np.ndarray) -> None:
-    """The resident single-dispatch path against the layered path. Bit-identical on the CPU.
-    On a GPU XLA compiles the block inside the stacked-layer loop differently from the block
-    alone (measured on an H200, JAX 0.11.2: up to 3.6e-6 apart, run-to-run deterministic; every
-    layered placement is bit-identical to every other): there, close, not equal."""
+def _check_resident(resident: np.ndarray, layered: np.ndarray, decode_sized: bool = False) -> None:
+    """The resident single-dispatch path against the layered path. Bit-identical on the CPU, and
+    on a GPU for decode-sized passes (every float operation there is a Pallas kernel; H200, JAX
+    0.11.2, 2026-12-02: 16 of 16 inputs). Prefill passes run XLA matmuls, which XLA compiles
+    differently inside the stacked-layer loop than in a layer alone (9.5e-7 apart on the H200,
+    run-to-run deterministic): there, on a GPU, close, not equal."""
     import jax
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" or decode_sized:
         assert np.array_equal(resident, layered), np.abs(resident - layered).max()
     else:
         np.testing.assert_allclose(layered, resident, rtol=0, atol=1e-5 * np.abs(resident).max())
@@ -71,7 +72,7 @@ def test_kernel_logits_bit_identical_across_placements(six_layer_path):
     assert resident.kernels == kernels
     with nt.load(six_layer_path, ctx_size=64, kernels=kernels, max_vram_layers=6) as engine:
         want = engine.logits(ids)
-    _check_resident(resident.logits(ids), want)
+    _check_resident(resident.logits(ids), want, decode_sized=True)
     for opts in (dict(max_vram_layers=2, max_ram_layers=2), dict(max_vram_layers=0, max_ram_layers=0),
                  dict(max_vram_layers=3, streaming="mmap")):
         with nt.load(six_layer_path, ctx_size=64, kernels=kernels, **opts) as engine:
