@@ -30,7 +30,7 @@ from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats,
 from ntransformer_jax.placement import is_layered, layer_span, plan_for, staging_bytes
 from ntransformer_jax.tiers import (LayerSource, MapReader, Streamer, StreamStats, TierOptions,
                                     alloc_staging, available_ram, free_device_memory, open_reader,
-                                    pin_device_tree, pin_tree, pinned_empty, StreamingError)
+                                    pin_tree, pinned_empty, StreamingError)
 from ntransformer_jax.tokenizer import Tokenizer, decode_stream
 
 DEFAULT_CTX = 4096
@@ -305,10 +305,11 @@ class Engine:
         Where anything streams, VRAM and RAM layers are read like disk-tier layers: through the
         tier's reader into one staging buffer (later the streamer's first slot), copied to the
         device and repacked there (`_pack_on_device`); RAM layers then come back into their
-        pinned buffer one array at a time. Host memory thus holds no layer in transit beyond that
-        staging buffer (repacking on the host took three copies of a layer at once), and device
-        memory no more than the prefetch slots it later hands to the streamer. With nothing
-        streamed (no slots to borrow) layers are repacked on the host as the resident path does.
+        pinned buffer one array at a time (`pin_tree`). Host memory thus holds no layer in
+        transit beyond that staging buffer (repacking on the host took three copies of a layer
+        at once), and device memory no more than the prefetch slots it later hands to the
+        streamer. With nothing streamed (no slots to borrow) layers are repacked on the host as
+        the resident path does.
         """
         f, opts = self.model_file, self.tier_options
         spans = [layer_span(f, i) for i in range(self.config.n_layers)]
@@ -328,10 +329,8 @@ class Engine:
                                             or self._pack_on_device is not None)
                     if tier == "vram":
                         self.resident[i] = tree
-                    else:
-                        host = pin_device_tree(tree) if isinstance(
-                            jax.tree_util.tree_leaves(tree)[0], jax.Array) else pin_tree(tree)
-                        sources[i] = LayerSource("ram", host_tree=host, n_bytes=layer_bytes[i])
+                    else:       # from the device or from staging, into its own pinned buffer
+                        sources[i] = LayerSource("ram", host_tree=pin_tree(tree), n_bytes=layer_bytes[i])
                         del tree
                 elif tier == "vram":
                     self.resident[i] = jax.block_until_ready(self._to_device(self._host_layer(i, pack=True)))

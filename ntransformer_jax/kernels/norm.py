@@ -32,25 +32,26 @@ def supports(n_rows: int, width: int) -> bool:
     return 1 <= n_rows <= MAX_ROWS and width >= 16 and width & (width - 1) == 0
 
 
-def _kernel(*refs, eps: float, stacked: bool, has_parts: bool):
-    """x_ref [D], parts_ref [P, D] (if any), w_ref [D] (or [L, D] with layer_ref [1]) -> h_out
-    [D] and, with parts, x_out [D]."""
+def _kernel(*refs, eps: float, stacked: bool, has_parts: bool, has_norm: bool = True):
+    """x_ref [D], parts_ref [P, D] (if any), w_ref [D] (or [L, D] with layer_ref [1]; absent
+    without the norm) -> h_out [D] (with the norm) and, with parts, x_out [D]."""
     if stacked:
         layer_ref, refs = refs[0], refs[1:]
     if has_parts:
-        x_ref, parts_ref, w_ref, x_out, h_out = refs
+        x_ref, parts_ref, *refs = refs
         x = x_ref[...] + jnp.sum(parts_ref[...], axis=0)
-        x_out[...] = x
     else:
-        x_ref, w_ref, h_out = refs
+        x_ref, *refs = refs
         x = x_ref[...]
+    if not has_norm:
+        refs[0][...] = x
+        return
+    w_ref, *outs = refs
+    if has_parts:
+        outs[0][...] = x
     w = w_ref[layer_ref[0], :] if stacked else w_ref[...]
     ms = jnp.sum(x * x) / x.shape[0]
-    h_out[...] = x * lax.rsqrt(ms + eps) * w
-
-
-def _add_kernel(x_ref, parts_ref, x_out):
-    x_out[...] = x_ref[...] + jnp.sum(parts_ref[...], axis=0)
+    outs[-1][...] = x * lax.rsqrt(ms + eps) * w
 
 
 def _check(x: jax.Array, parts: jax.Array, weight: jax.Array, layer) -> None:
@@ -66,6 +67,10 @@ def _check(x: jax.Array, parts: jax.Array, weight: jax.Array, layer) -> None:
         raise InputError(f"parts must be float32 [P, {m}, {d}], got {parts.dtype} {list(parts.shape)}")
     elif parts.shape[0] < 1 or parts.shape[0] & (parts.shape[0] - 1):
         raise InputError(f"parts has {parts.shape[0]} partial sums; the kernel takes a power of two")
+    if weight is None:
+        if parts is None:
+            raise InputError("add_rms_norm without a weight adds parts: give parts [P, M, D]")
+        return
     want = (d,) if layer is None else weight.shape[:1] + (d,)
     if weight.ndim != len(want) or weight.shape[-1] != d:
         raise InputError(f"weight must be [{d}]" + ("" if layer is None else f" or [L, {d}] with layer=")
@@ -81,13 +86,15 @@ def add_rms_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: 
         x: [M, D] float32, 1 <= M <= 8, D a power of two.
         parts: [P, M, D] float32 partial sums of the residual branch (P a power of two; P = 1 for
             a summed branch), or None: then only the norm of x (h alone is returned).
-        weight: [D] float32 norm weight, or [L, D] stacked layers' weights with `layer`.
+        weight: [D] float32 norm weight, or [L, D] stacked layers' weights with `layer`; or
+            None: no norm, x1 alone is returned (`add_parts`).
         eps: the norm's epsilon (static).
         layer: int32 scalar index into a stacked `weight`, read inside the kernel.
         interpret: run the Pallas interpreter (CPU) instead of compiling for the GPU.
 
     Returns:
-        (x1 [M, D], h [M, D]) float32; h alone when `parts` is None.
+        (x1 [M, D], h [M, D]) float32; h alone when `parts` is None, x1 alone when `weight`
+        is None.
 
     Raises:
         InputError: shapes or dtypes the kernel does not take.
@@ -95,17 +102,20 @@ def add_rms_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: 
     _check(x, parts, weight, layer)
     m, d = x.shape
     row = pl.BlockSpec((None, d), lambda i: (i, 0))
-    in_specs = [row, pl.BlockSpec(weight.shape, lambda i: (0,) * weight.ndim)]
-    operands = [x, weight]
+    in_specs, operands = [row], [x]
     if parts is not None:
-        in_specs.insert(1, pl.BlockSpec((parts.shape[0], None, d), lambda i: (0, i, 0)))
-        operands.insert(1, parts)
+        in_specs.append(pl.BlockSpec((parts.shape[0], None, d), lambda i: (0, i, 0)))
+        operands.append(parts)
+    if weight is not None:
+        in_specs.append(pl.BlockSpec(weight.shape, lambda i: (0,) * weight.ndim))
+        operands.append(weight)
     if layer is not None:
         in_specs.insert(0, pl.BlockSpec((1,), lambda i: (0,)))
         operands.insert(0, qm._layer_index(layer))
-    n_out = 1 if parts is None else 2
+    n_out = (parts is not None) + (weight is not None)
     out = pl.pallas_call(
-        functools.partial(_kernel, eps=float(eps), stacked=layer is not None, has_parts=parts is not None),
+        functools.partial(_kernel, eps=float(eps), stacked=layer is not None,
+                          has_parts=parts is not None, has_norm=weight is not None),
         out_shape=(jax.ShapeDtypeStruct((m, d), jnp.float32),) * n_out,
         grid=(m,),
         in_specs=in_specs,
@@ -114,10 +124,9 @@ def add_rms_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: 
         interpret=interpret,
         name="add_rms_norm",
     )(*operands)
-    return out[0] if parts is None else out
+    return out if n_out == 2 else out[0]
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
 def add_parts(x: jax.Array, parts: jax.Array, *, interpret: bool = False) -> jax.Array:
     """x + sum(parts, 0) for decode rows, the partial sums added in a fixed order by one kernel
     (a block's last residual add: XLA's fusion of it may round differently inside the resident
@@ -133,19 +142,7 @@ def add_parts(x: jax.Array, parts: jax.Array, *, interpret: bool = False) -> jax
     """
     if parts is None:
         raise InputError("add_parts needs parts [P, M, D]")
-    _check(x, parts, jnp.zeros(x.shape[1:], jnp.float32), None)
-    m, d = x.shape
-    row = pl.BlockSpec((None, d), lambda i: (i, 0))
-    return pl.pallas_call(
-        _add_kernel,
-        out_shape=jax.ShapeDtypeStruct((m, d), jnp.float32),
-        grid=(m,),
-        in_specs=[row, pl.BlockSpec((parts.shape[0], None, d), lambda i: (0, i, 0))],
-        out_specs=row,
-        compiler_params=plgpu.CompilerParams(num_warps=4 if d <= 4096 else 8, num_stages=1),
-        interpret=interpret,
-        name="add_parts",
-    )(x, parts)
+    return add_rms_norm(x, parts, None, 0.0, interpret=interpret)
 
 
 def add_rms_norm_reference(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: float, *,
