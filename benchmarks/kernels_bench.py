@@ -120,7 +120,23 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
 
 
-class Case:
+class ConfigRecords:
+    """The configs a case tried (`self.configs`: dicts with "block_sizes", "ok", "time_s")."""
+
+    configs: list[dict]
+
+    def tried(self, bs) -> bool:
+        return any(c["block_sizes"] == _bs_dict(bs) for c in self.configs)
+
+    def ok_configs(self) -> list[dict]:
+        return sorted((c for c in self.configs if c.get("ok")), key=lambda c: c["time_s"])
+
+    def best(self) -> dict | None:
+        ok = self.ok_configs()
+        return ok[0] if ok else None
+
+
+class Case(ConfigRecords):
     """One (type, shape, M): its weight, x rows, reference outputs and every timed config."""
 
     def __init__(self, qtype: T, shape_name: str, n_rows: int, n_cols: int, m_rows: int,
@@ -139,16 +155,6 @@ class Case:
     @property
     def label(self) -> str:
         return f"{self.qtype.name} {self.n_rows}x{self.n_cols} M={self.m_rows}"
-
-    def tried(self, bs: qm.BlockSizes) -> bool:
-        return any(c["block_sizes"] == _bs_dict(bs) for c in self.configs)
-
-    def ok_configs(self) -> list[dict]:
-        return sorted((c for c in self.configs if c.get("ok")), key=lambda c: c["time_s"])
-
-    def best(self) -> dict | None:
-        ok = self.ok_configs()
-        return ok[0] if ok else None
 
 
 class Bench:
@@ -225,8 +231,9 @@ class Bench:
         return rec
 
 
-def _descend(bench: Bench, case: Case, axes: dict, deadline: float) -> None:
-    """Coordinate descent from the best config so far, one axis at a time."""
+def _descend(bench, case, axes: dict, deadline: float, block_sizes=qm.BlockSizes) -> None:
+    """Coordinate descent from the best config so far, one axis at a time (`block_sizes`: the
+    kernel's tiling class; `case.best()` and `bench.run(case, tiling)` as here)."""
     for name, values in axes.items():
         for value in values:
             if time.perf_counter() > deadline:
@@ -234,7 +241,7 @@ def _descend(bench: Bench, case: Case, axes: dict, deadline: float) -> None:
             best = case.best()
             if best is None:
                 return
-            start = qm.BlockSizes(**best["block_sizes"])
+            start = block_sizes(**best["block_sizes"])
             if not hasattr(start, name):
                 continue
             bench.run(case, dataclasses.replace(start, **{name: value}))

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Session-4 resident-path run (one device call): compiled tests of the decode kernels, then the
 # 8B profile and llama-bench-like e2e figures. Results under $OUT. See BUILD.md for the prefix.
-#   STEPS="tests probe check ident profile e2e variants tiers q6k disk4 big" QUANTS="Q8_0 Q4_0" bash benchmarks/run_s4.sh
+#   STEPS="tests qmmtest qmmbench iprobe pinprobe check ident profile e2e variants tiers q6k disk4 big" \
+#   QUANTS="Q8_0 Q4_0" PREFILL=on,off bash benchmarks/run_s4.sh
 set -u
 OUT=${OUT:-/tmp/out}
 STEPS=${STEPS:-tests profile e2e}
@@ -15,7 +16,16 @@ if [[ $STEPS == *tests* ]]; then
     KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
         -k "glu or stacked or self_test" 2>&1 | tail -2
 fi
-if [[ $STEPS == *probe* ]]; then     # whose pinned memory: RssShmem per stage, per XLA pool cap
+if [[ $STEPS == *qmmtest* ]]; then  # the prefill kernel compiled
+    KERNELS_INTERPRET=0 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_qmatmul.py 2>&1 | tail -2
+fi
+if [[ $STEPS == *qmmbench* ]]; then  # the prefill kernel tuned and timed against XLA
+    timeout ${QMM_TIMEOUT:-330} python3 benchmarks/qmatmul_bench.py ${QMM_ARGS:-} --out "$OUT" 2>&1 | grep -v "^I1\|^W1" | tail -${QMM_TAIL:-60}
+fi
+if [[ $STEPS == *iprobe* ]]; then    # resident vs layered identity, decode-sized and prefill
+    timeout 240 python3 benchmarks/ident_probe.py 2>&1 | grep -v "^I1\|^W1" | tail -4
+fi
+if [[ $STEPS == *pinprobe* ]]; then     # whose pinned memory: RssShmem per stage, per XLA pool cap
     timeout 300 python3 benchmarks/pinned_probe.py --layers 8 --passes 5 --kinds ${KINDS:-pin_tree,hostalloc,register} --out "$OUT" 2>&1 | tail -7
 fi
 if [[ $STEPS == *check* ]]; then     # float64 logits on the GPU, kernels on, tiny synthetic files
@@ -45,7 +55,7 @@ fi
 if [[ $STEPS == *e2e* ]]; then
     for q in $QUANTS; do
         timeout 300 python3 benchmarks/e2e.py --shape "$SHAPE" --quant "$q" --kernels auto --matmul bf16 \
-            --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
+            --prefill_kernel ${PREFILL:-off} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
     done
 fi
 if [[ $STEPS == *tiers* ]]; then     # issue 4: spread vs index order, mmap baseline, small RAM budget
@@ -68,5 +78,5 @@ if [[ $STEPS == *ident* ]]; then    # placement identity with the compiled kerne
 fi
 if [[ $STEPS == *big* ]]; then       # 70B Q4_0 resident (40 GB): pp512 / tg128
     timeout 500 python3 benchmarks/e2e.py --shape 70b --quant Q4_0 --kernels auto --matmul bf16 \
-        --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
+        --prefill_kernel ${PREFILL:-off} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
 fi

@@ -40,6 +40,10 @@ MIN_PREFILL_BUCKET = 16
 # resident layers are split into several scanned segments.
 MAX_STACK_BYTES = (1 << 31) - 1
 MAX_PREFILL_CHUNK = 512
+# Resident prefill chunks longer than the decode kernels' rows run layer by layer through the
+# layered path's `block` (logits bit-identical across placements); False: one dispatch over the
+# stacked layers. Read per call; benchmarks/prefill_probe.py compares the two.
+LAYERWISE_PREFILL = True
 
 _FLOAT_DTYPES = {
     gguf.GGMLQuantizationType.F32: np.float32,
@@ -140,6 +144,27 @@ def _layer_from_staging(f: ModelFile, i: int, span_start: int, buf: np.ndarray) 
     return _layer_from_arrays(parts)
 
 
+@jax.jit
+def _stack_entry(tree, j: jax.Array):
+    """Entry j of every array of a stacked tree (one layer of a segment, or of its cache)."""
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, j, 0, keepdims=False),
+                                  tree)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_stack_entry(stack, entry, j: jax.Array):
+    """`stack` with entry j replaced by `entry`, in place (the stack is donated)."""
+    return jax.tree_util.tree_map(
+        lambda a, e: jax.lax.dynamic_update_index_in_dim(a, e, j, 0), stack, entry)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_and_take(stack, entry, j: jax.Array, seg, k: jax.Array):
+    """(`stack` with entry j replaced by `entry`, in place; entry k of `seg` and of the result)."""
+    stack = _set_stack_entry(stack, entry, j)
+    return stack, _stack_entry((seg, stack), k)
+
+
 class Engine:
     """A model ready to run. Create with `ntransformer_jax.load`."""
 
@@ -183,6 +208,7 @@ class Engine:
             raise NTransformerError(f"cannot allocate the KV cache for ctx_size={self.ctx_size} "
                                     f"({need / 1e9:.2f} GB): {str(err).splitlines()[0][:120]}") from None
         self._cached: list[int] = []
+        self._layer_ids: list[jax.Array] | None = None
         self.last_stats = GenerationStats()
 
     # -- loading ---------------------------------------------------------------------------
@@ -528,13 +554,22 @@ class Engine:
         return jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
 
     def _prefill(self, chunk: jax.Array, pos: int, idx: np.ndarray, all_logits: bool) -> jax.Array:
-        """One padded chunk [B, T] from `pos`: logits [B, T, V], or [B, V] at row b's token idx[b]."""
-        if not self.layered:
+        """One padded chunk [B, T] from `pos`: logits [B, T, V], or [B, V] at row b's token idx[b].
+
+        Resident layers take one dispatch for decode-sized chunks (the decode kernels, whose
+        results are the same in the stacked loop as in a layer alone). A longer chunk goes layer
+        by layer through the very `block` executable the layered path runs, each layer's weights
+        and cache copied out of their stacks (a second read of the weights, small beside a
+        prefill's matmuls): XLA compiles the matmuls of the stacked loop differently from those
+        of a layer alone, and their logits would differ in the last bits by placement.
+        """
+        if not self.layered and (chunk.size <= qmatvec.MAX_ROWS or not LAYERWISE_PREFILL):
             logits, self._caches = M.prefill(self.config, self.segments, self.globals, self._caches,
                                              chunk, jnp.int32(pos), jnp.asarray(idx + 1),
                                              all_logits=all_logits)
             return logits
-        x = self._run_layered(M.embed_jit(self.globals.token_embd, chunk), pos)
+        x = M.embed_jit(self.globals.token_embd, chunk)
+        x = self._run_layered(x, pos) if self.layered else self._run_resident_layers(x, pos)
         if not all_logits:
             x = x[jnp.arange(x.shape[0]), jnp.asarray(idx)]
         return M.head_jit(self.globals.output_norm, self.globals.output, x, self.config.rms_eps)
@@ -552,6 +587,28 @@ class Engine:
             x, self._caches[i] = M.block(self.config, w, x, self._caches[i], p, inv_freq)
             if streamed:
                 self.streamer.computed(x)
+        return x
+
+    def _run_resident_layers(self, x: jax.Array, pos) -> jax.Array:
+        """Every resident layer through the jitted per-layer block, as `_run_layered` does: layer
+        j's weights and cache copied out of their stacks, the cache written back in place. Two
+        dispatches per layer (the block, then one that writes back and takes the next layer out):
+        the host, not the device, bounds a layer's dispatches here."""
+        p = jnp.asarray(pos, jnp.int32)
+        inv_freq = self.globals.rope_inv_freq
+        if self._layer_ids is None:     # device scalars made once: no transfer per dispatch
+            self._layer_ids = [jnp.int32(j) for j in range(max(self.segment_sizes))]
+        ids = self._layer_ids
+        caches = list(self._caches)
+        for s, (seg, n) in enumerate(zip(self.segments, self.segment_sizes)):
+            w, cache = _stack_entry((seg, caches[s]), ids[0])
+            for j in range(n):
+                x, cache = M.block(self.config, w, x, cache, p, inv_freq)
+                if j + 1 < n:
+                    caches[s], (w, cache) = _put_and_take(caches[s], cache, ids[j], seg, ids[j + 1])
+                else:
+                    caches[s] = _set_stack_entry(caches[s], cache, ids[j])
+        self._caches = tuple(caches)
         return x
 
     def _decode(self, params: SamplingParams, token: jax.Array, pos, key: jax.Array,

@@ -19,7 +19,7 @@ import numpy as np
 
 from ntransformer_jax import quants
 from ntransformer_jax.kernels import attention as attention_kernel
-from ntransformer_jax.kernels import norm, qmatvec, rope_cache
+from ntransformer_jax.kernels import norm, qmatmul, qmatvec, rope_cache
 from ntransformer_jax.model_file import LlamaConfig
 from ntransformer_jax.sampling import SamplingParams, sample
 
@@ -171,11 +171,11 @@ def pack_layer(w: "LayerWeights", kernel: str, matmul: str = "f32") -> "LayerWei
 
 
 def _linear_split(x: jax.Array, w: QTensor) -> list[jax.Array]:
-    """`linear` through a row-fused matrix, split back into its parts. Decode rows take one
-    kernel launch for all parts; longer passes multiply each part on its own (its rows
-    sliced out of the packed arrays), which keeps each dequantized matrix as small as before."""
+    """`linear` through a row-fused matrix, split back into its parts. A kernel takes all parts
+    in one launch; on the XLA path each part is multiplied on its own (its rows sliced out of
+    the packed arrays), which keeps each dequantized matrix as small as before."""
     edges = np.cumsum((0, *w.splits)).tolist()
-    if _takes_kernel(x, w):
+    if _takes_kernel(x, w) or _takes_prefill_kernel(x, w):
         return jnp.split(linear(x, w), edges[1:-1], axis=-1)
     return [linear(x, w.with_arrays(lambda a, s=s, e=e: a[s:e]))
             for s, e in zip(edges, edges[1:])]
@@ -233,6 +233,12 @@ def rope_inv_freq(cfg: LlamaConfig, freq_factors: np.ndarray | None) -> np.ndarr
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 
+# Prefill matmuls of packed matrices through `qmatmul` (else XLA dequantizes, then multiplies).
+# Off: on the H200 the kernel runs at 0.25-0.9x XLA's bf16 path at M = 512 (untuned tiles) and
+# ~0.02x its f32 path (IEEE float32 dots); see benchmarks/RESULTS.md. Read when a function is
+# first traced; benchmarks/e2e.py --prefill_kernel sets it.
+PREFILL_KERNEL = False
+
 # Matrices with more elements than this are dequantized and multiplied in row chunks, so the
 # float32 copy XLA materializes stays small (the output head of a 128k vocabulary is 4 GB in f32).
 LINEAR_CHUNK_ELEMS = 1 << 26
@@ -248,14 +254,20 @@ def _n_chunks(rows: int, cols: int) -> int:
 def linear(x: jax.Array, w: QTensor) -> jax.Array:
     """x [..., in] @ w.T -> [..., out], float32 accumulation.
 
-    A packed `w` with at most `qmatvec.MAX_ROWS` rows of x (decode, short verification passes)
-    goes through the fused kernel; everything else dequantizes and multiplies.
+    A packed `w` goes through a fused Pallas kernel: the decode kernel (`qmatvec`) for at most
+    `qmatvec.MAX_ROWS` rows of x (decode, short verification passes), the prefill kernel
+    (`qmatmul`, inputs of `w.matmul`'s type) for more. Everything else dequantizes and multiplies.
     """
     rows, cols = w.shape
     lead = x.shape[:-1]
     m = int(np.prod(lead))
     if _takes_kernel(x, w):
         return _kernel_linear(x, w, sum_splits=True)
+    if _takes_prefill_kernel(x, w):
+        y = qmatmul.qmatmul_packed(x.reshape(m, cols), w.data, w.qtype, cols,
+                                   dtype=jnp.bfloat16 if w.matmul == "bf16" else jnp.float32,
+                                   interpret=w.kernel == "interpret", layer=w.index)
+        return y.reshape(*lead, rows)
     w = w.unstacked()
     if w.matmul == "bf16" and m > qmatvec.MAX_ROWS:
         x = x.astype(jnp.bfloat16)
@@ -275,6 +287,14 @@ def _takes_kernel(x: jax.Array, w: QTensor) -> bool:
     """Whether `linear` sends x [..., in] through the fused decode kernel (packed w, 1 to
     `qmatvec.MAX_ROWS` rows)."""
     return bool(w.kernel) and 1 <= int(np.prod(x.shape[:-1])) <= qmatvec.MAX_ROWS
+
+
+def _takes_prefill_kernel(x: jax.Array, w: QTensor) -> bool:
+    """Whether `linear` sends x [..., in] (more than `qmatvec.MAX_ROWS` rows) through the fused
+    prefill kernel: `PREFILL_KERNEL` on, w packed and of a shape `qmatmul` tiles."""
+    m = int(np.prod(x.shape[:-1]))
+    return (PREFILL_KERNEL and bool(w.kernel) and m > qmatvec.MAX_ROWS
+            and qmatmul.supports(w.qtype, m, *w.shape))
 
 
 def _kernel_linear(x: jax.Array, w: QTensor, sum_splits: bool) -> jax.Array:

@@ -61,7 +61,9 @@ def device_working_set(f: ModelFile, ctx_size: int, prefill_chunk: int,
     biggest = min(max(cfg.n_ff * cfg.n_embd, cfg.n_vocab * cfg.n_embd), M.LINEAR_CHUNK_ELEMS)
     chunk = prefill_chunk
     acts = chunk * (3 * cfg.n_ff + 4 * cfg.n_embd + cfg.n_vocab) * 4 + chunk * chunk * cfg.n_head * 4
-    return {"kv_cache": cache, "globals": glob, "workspace": 2 * biggest * 4 + acts}
+    # With every layer resident, a long prefill copies one layer's cache out of its stack.
+    layer_cache = cache // cfg.n_layers
+    return {"kv_cache": cache, "globals": glob, "workspace": 2 * biggest * 4 + acts + layer_cache}
 
 
 def plan_for(f: ModelFile, ctx_size: int, options: TierOptions, free_vram: int | None,

@@ -250,7 +250,9 @@ def _place(layer_bytes, device_working_set, staging_bytes, options, vram_budget,
     max_a = n if options.max_vram_layers is None else min(n, options.max_vram_layers)
     n_a = 0
     for k in range(max_a, -1, -1):
-        slots = 0 if k == n else (depth + 1) * slot_bytes + repack
+        # All resident: two layers' copies (a long prefill runs layer by layer, the next layer
+        # taken out of its stack while one runs; see the engine).
+        slots = 2 * slot_bytes if k == n else (depth + 1) * slot_bytes + repack
         resident = set(range(n)) - set(_streamed(n, n - k, options.layout))
         if base + slots + sum(layer_bytes[i] for i in resident) <= vram_budget:
             n_a = k
@@ -261,7 +263,9 @@ def _place(layer_bytes, device_working_set, staging_bytes, options, vram_budget,
                          f"(KV cache, embeddings, output head, {depth + 1} layer slots, workspace): "
                          f"the minimum is {need / 1e9:.2f} GB")
     dev_ws = dict(device_working_set)
-    if n_a < n:
+    if n_a == n:
+        dev_ws["layer_copies"] = 2 * slot_bytes
+    else:
         dev_ws["prefetch_slots"] = (depth + 1) * slot_bytes
         if repack:
             dev_ws["disk_repack"] = repack

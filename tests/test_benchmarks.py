@@ -1,4 +1,4 @@
-"""CPU smoke runs of the GPU benchmark scripts (kernels_bench.py, layer_jit.py, tiers_bench.py, ...).
+"""CPU smoke runs of the GPU benchmark scripts (kernels_bench.py, qmatmul_bench.py, layer_jit.py...).
 
 `--smoke` runs each script's whole path on tiny shapes (the kernels in Pallas interpret mode), so
 a script handed to the GPU machine does not die on its first line there.
@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import kernels_bench  # noqa: E402
 import layer_jit  # noqa: E402
+import qmatmul_bench  # noqa: E402
+from ntransformer_jax.kernels import qmatmul as qmm  # noqa: E402
 from ntransformer_jax.kernels import qmatvec as qm  # noqa: E402
 
 
@@ -40,18 +42,85 @@ def test_kernels_bench_smoke(tmp_path):
     assert all(len(r["configs"]) > 1 for r in swept), "the sweep tried no other config"
 
 
-def test_kernels_bench_flags_wrong_results(tmp_path, monkeypatch, capsys):
-    real = qm.qmatvec_packed
+@pytest.mark.parametrize("bench, module, name", [(kernels_bench, qm, "qmatvec_packed"),
+                                                 (qmatmul_bench, qmm, "qmatmul_packed")])
+def test_bench_flags_wrong_results(bench, module, name, tmp_path, monkeypatch, capsys):
+    """A kernel whose output is off makes the bench fail loudly, and is never anyone's best."""
+    real = getattr(module, name)
 
     def off_by_one(x, packed, qtype, n_cols, **kwargs):
         return real(x, packed, qtype, n_cols, **kwargs) + 1.0
 
-    monkeypatch.setattr(qm, "qmatvec_packed", off_by_one)
-    out = tmp_path / "kernels.json"
-    assert kernels_bench.main(["--smoke", "--quick", "--types", "Q8_0", "--out", str(out)]) == 1
+    monkeypatch.setattr(module, name, off_by_one)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--quick", "--types", "Q8_0", "--out", str(out)]) == 1
     res = json.loads(out.read_text())
-    assert all(r["best"] is None and r["default"]["ok"] is False for r in res["results"])
+    for r in res["results"]:
+        assert r["best"] is None and r["default"]["ok"] is False
+        if "f32" in r:
+            assert r["f32"]["default"]["ok"] is False and "best" not in r["f32"]
     assert "WRONG RESULT" in capsys.readouterr().out
+
+
+def test_qmatmul_bench_smoke(tmp_path):
+    out = tmp_path / "qmatmul.json"
+    assert qmatmul_bench.main(["--smoke", "--types", "Q4_0,Q4_K", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["failures"] == [] and res["bf16_tflops"] > 0
+    [(model, matrices)] = qmatmul_bench.SMOKE_MODELS.items()
+    [m] = res["m"]
+    got = {(r["type"], r["model"], r["matrix"], r["m"]) for r in res["results"]}
+    assert got == {(t, model, name, m) for t in ("Q4_0", "Q4_K") for name in matrices}
+    for r in res["results"]:
+        best = r["best"]
+        assert best["ok"] and best["max_rel_err"] <= qmatmul_bench.RTOL and best["time_s"] > 0
+        assert best["time_s"] == min(c["time_s"] for c in r["configs"] if c.get("ok"))
+        assert r["default"]["ok"] and best["x_xla_bf16"] > 0 and best["tflops"] > 0
+        assert r["xla"]["bf16"]["time_s"] > 0 and r["xla"]["f32"]["time_s"] > 0
+        for which in ("default", "best"):
+            f32 = r["f32"][which]
+            assert f32["ok"] and f32["dtype"] == "float32" and f32["time_s"] > 0
+        assert r["f32"]["best"]["block_sizes"] == best["block_sizes"]
+    swept = [r for r in res["results"] if r["matrix"] == qmatmul_bench.SMOKE_SWEEP_MATRIX]
+    assert all(len(r["configs"]) > 1 for r in swept), "the sweep tried no other config"
+    assert [(r["type"], r["m"]) for r in res["layers"]] == [("Q4_0", m), ("Q4_K", m)]
+    for layer in res["layers"]:
+        mine = [r for r in res["results"] if r["type"] == layer["type"]]
+        assert layer["kernel_s"] == pytest.approx(sum(r["best"]["time_s"] for r in mine))
+        assert layer["x_xla_bf16"] > 0
+    # The suggestion is a Python literal of the best tilings.
+    scope = {"T": gguf.GGMLQuantizationType, "BlockSizes": qmm.BlockSizes}
+    exec(res["suggestion"], scope)
+    tuned = scope[f"QMATMUL_TUNED_M{m}"]
+    assert len(tuned) == len(res["results"])
+    for r in res["results"]:
+        key = (gguf.GGMLQuantizationType[r["type"]], r["model"], r["matrix"])
+        assert tuned[key] == qmm.BlockSizes(**r["best"]["block_sizes"])
+
+
+def test_qmatmul_bench_xla_baseline_is_the_engines():
+    """The XLA baseline multiplies the parts of fused matrices on their own, in the row chunks
+    `model.linear` uses, and computes qmatmul_reference's product (up to summation order)."""
+    from ntransformer_jax import model
+    assert qmatmul_bench.ENGINE_CHUNK_ELEMS == model.LINEAR_CHUNK_ELEMS
+    for name, matrices in qmatmul_bench.MODELS.items():
+        for matrix, (n, k) in matrices.items():
+            parts = qmatmul_bench.PARTS[name].get(matrix, (n,))
+            got = qmatmul_bench.xla_parts(n, k, qmatmul_bench.PARTS[name].get(matrix), "engine")
+            assert got == tuple((rows, model._n_chunks(rows, k)) for rows in parts)
+            assert qmatmul_bench.xla_parts(n, k, parts, "plain") == ((n, 1),)
+    assert qmatmul_bench.xla_parts(57344, 8192, (28672, 28672), "engine") == ((28672, 4),) * 2
+    # Parts and chunks (the smoke shapes are one chunk each, so the smoke run has no chunks).
+    qtype = gguf.GGMLQuantizationType.Q4_K
+    rng = np.random.default_rng(0)
+    packed = qm.repack(kernels_bench.random_weight(rng, qtype, 64, 512), qtype)
+    x = jnp.asarray(rng.standard_normal((8, 512), np.float32))
+    refs, scale = qmatmul_bench._check_arrays(x, packed, qtype, 512)
+    for matmul, dtype in qmatmul_bench.MATMUL_DTYPES.items():
+        for parts in (((64, 1),), ((64, 4),), ((32, 1), (16, 2), (16, 4))):
+            y = qmatmul_bench.xla_linear(x, packed, qtype, 512, matmul, parts)
+            assert [a.shape for a in y] == [(8, rows) for rows, _ in parts]
+            assert qmatmul_bench._max_rel_err(y, refs[dtype.name], scale) <= qmatmul_bench.RTOL
 
 
 @pytest.mark.parametrize("qtype", sorted(kernels_bench.HALF_FIELDS, key=lambda t: t.name),

@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import jax
+import jax.numpy as jnp
 import ntransformer_jax as nt
 from conftest import LLAMA_CPP_QUANTS
+from ntransformer_jax import model as M
 from ntransformer_jax.model import QTensor
 from ntransformer_jax.sampling import SamplingParams
 from reference import Float64Llama, compare_logits
@@ -104,15 +107,16 @@ def test_continuing_from_cache_equals_fresh_run(tiny_f32_path):
 
 @pytest.mark.parametrize("ftype", LLAMA_CPP_QUANTS)
 def test_kernel_path_matches_float64_reference(ftype, tiny_f32_path, tiny_quantized):
-    """With the fused decode kernels (Pallas interpreter on CPU), logits of up to 8 positions
-    (the kernel's rows) and greedy decoding agree with the float64 forward and the XLA path."""
+    """With the fused kernels (Pallas interpreter on CPU), logits of 20 positions (the prefill
+    kernel), of up to 8 (the decode kernel's rows) and greedy decoding agree with the float64
+    forward and the XLA path."""
     path = tiny_quantized(ftype)
     engine = nt.load(path, ctx_size=64, kernels="interpret")
     packed = [w for w in engine.segments[0] if isinstance(w, QTensor) and w.kernel]
     assert packed or ftype in ("F16", "Q5_1"), "no matrix took the kernel path"  # no kernels
     ids = np.random.default_rng().integers(0, engine.config.n_vocab, 20)
     ref = Float64Llama(path).logits(ids)
-    _check(engine.logits(ids), ref, max_rel=1e-4, min_top1=1.0)   # prefill: packed -> XLA
+    _check(engine.logits(ids), ref, max_rel=1e-4, min_top1=1.0)   # prefill: the qmatmul kernel
     ids = ids[:8]
     ours = engine.logits(ids)                                     # 8 rows: the kernels
     _check(ours, ref[:8], max_rel=1e-4, min_top1=1.0)
@@ -135,6 +139,28 @@ def test_bf16_prefill_stays_close(tiny_quantized):
     assert rel > 1e-5, "bf16 prefill looks like float32: was matmul ignored?"
     fresh = nt.load(path, ctx_size=64, matmul="bf16")   # (the first engine's cache holds bf16 KV)
     _check(fresh.logits(ids[:8]), ref[:8], max_rel=1e-4, min_top1=1.0)
+
+
+@pytest.mark.parametrize("matmul", M.MATMUL_TYPES)
+def test_prefill_runs_the_prefill_kernel(matmul, tiny_quantized, monkeypatch):
+    """Prefill passes (> 8 rows) of packed matrices go through `qmatmul` with inputs of the
+    engine's matmul type, and agree with the XLA path (model.PREFILL_KERNEL off)."""
+    from ntransformer_jax.kernels import qmatmul
+    path = tiny_quantized("Q4_0")
+    ids = np.random.default_rng().integers(0, 500, 24)
+    monkeypatch.setattr(M, "PREFILL_KERNEL", False)
+    xla = nt.load(path, ctx_size=32, kernels="interpret", matmul=matmul).logits(ids)
+    monkeypatch.setattr(M, "PREFILL_KERNEL", True)
+    jax.clear_caches()              # read when traced
+    seen = []
+    real = qmatmul.qmatmul_packed
+    monkeypatch.setattr(qmatmul, "qmatmul_packed", lambda *a, **k: seen.append(k["dtype"]) or real(*a, **k))
+    engine = nt.load(path, ctx_size=32, kernels="interpret", matmul=matmul)
+    got = engine.logits(ids)
+    # Traced once per block signature: q/k/v and gate/up fused by rows, o and down; the head.
+    assert len(seen) >= 5 and set(seen) == {jnp.bfloat16 if matmul == "bf16" else jnp.float32}
+    tol = 2e-2 if matmul == "bf16" else 1e-4
+    np.testing.assert_allclose(got, xla, rtol=0, atol=tol * np.abs(xla).max())
 
 
 def test_segments_split_under_the_stack_limit(tiny_quantized, monkeypatch):

@@ -236,6 +236,16 @@ def _qmatmul_kernel(*refs, fmt: qm._Format, planes: _Planes, n_weights: int, blo
 # Wrappers.
 # ---------------------------------------------------------------------------------------------
 
+def supports(qtype: object, m_rows: int, n_rows: int, n_cols: int) -> bool:
+    """Whether `qmatmul_packed` takes x [m_rows, n_cols] times an [n_rows, n_cols] matrix of
+    `qtype` with the default tiling."""
+    try:
+        plan(qtype, m_rows, n_rows, n_cols)
+    except InputError:
+        return False
+    return True
+
+
 class Plan(NamedTuple):
     """The launch geometry `qmatmul_packed` derives from the shapes (all static)."""
 
