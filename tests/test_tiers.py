@@ -57,6 +57,28 @@ def test_logits_bit_identical_across_placements(six_layer_path):
             assert np.array_equal(got, want), (opts, engine.placement, np.abs(got - want).max())
 
 
+def test_resident_prefill_runs_the_layered_block(six_layer_path, monkeypatch):
+    """A resident prefill chunk longer than the decode kernels' rows goes through `model.block`
+    once per layer (the layered path's executable), a decode-sized one through the single
+    stacked dispatch; both keep the cache the next pass reads."""
+    from ntransformer_jax import model as M
+    engine = nt.load(six_layer_path, ctx_size=64)
+    calls = []
+    real = M.block
+    monkeypatch.setattr(M, "block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = np.random.default_rng().integers(0, SHAPE.n_vocab, 40)
+    full = engine.logits(ids)
+    assert len(calls) == SHAPE.n_layers
+    calls.clear()
+    short = engine.logits(ids[:5])        # other matmul shapes: close, not equal
+    assert not calls
+    np.testing.assert_allclose(short, full[:5], rtol=0, atol=1e-5 * np.abs(full).max())
+    greedy = nt.SamplingParams(temperature=0)
+    with nt.load(six_layer_path, ctx_size=64, max_vram_layers=6) as layered:
+        want = list(layered.generate_tokens(ids[:20], max_new_tokens=6, params=greedy))
+    assert list(engine.generate_tokens(ids[:20], max_new_tokens=6, params=greedy)) == want
+
+
 def test_kernel_logits_bit_identical_across_placements(six_layer_path):
     """With the decode kernels (interpreted on the CPU, compiled on a GPU) disk-tier layers are
     repacked on the device after their copy, RAM and VRAM layers on the host at load: the
