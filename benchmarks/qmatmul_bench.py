@@ -17,16 +17,17 @@ gate, up: model's `_linear_split`), each part dequantized in model.linear's row 
 `--xla_form plain` times one dequantize + einsum of the whole matrix.
 
 Steps, in this order:
-1. every case at `BlockSizes.get_default`, at bfloat16 and float32, plus both XLA baselines;
-2. for each (type, model, M), within an equal share of what is left of `--budget_s` (so split
-   across types): on gate_up, coordinate descent from the default over block_m {32, 64, 128, 256},
+1. every case at `BlockSizes.get_default`, at bfloat16 (and float32 with `--f32`), plus both
+   XLA baselines;
+2. for each (type, model, M), within an equal share of what is left of `--budget_s` (the
+   sweep's own time, split across types): on gate_up, coordinate descent from the default over block_m {32, 64, 128, 256},
    block_n {64, 128, 256}, block_k {64, 128, 256, 512}, num_warps {4, 8}, num_stages {2, 3, 4}
    (one axis at a time, keeping the best); then the three best gate_up configs on the model's
    other matrices;
-3. every case at float32 with its best bf16 tiling (IEEE products: slow; for the record).
+3. with `--f32`, every case at float32 with its best bf16 tiling (IEEE products: slow).
 Configs that `qmatmul.plan` rejects are skipped (block_k below the type's packed block);
-compile errors print one line and the sweep goes on; `--quick` skips step 2. Steps 1 and 3
-always run, so a run lasts about max(budget, step 1) + step 3.
+compile errors print one line and the sweep goes on; `--quick` skips step 2. A run lasts about
+step 1 (compiles, mostly) + budget + step 3.
 
 Timing (`ceilings.pipelined_time`): one jitted program runs the bf16 kernel on `--unroll`
 different x (nothing is shared between the calls), dispatched back to back and blocked once per
@@ -433,8 +434,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unroll", type=int, default=None,
                    help="kernel calls per jitted program, each on its own x (default 4; smoke 2)")
     p.add_argument("--budget_s", type=float, default=240.0,
-                   help="wall time from the start after which only the fixed runs (defaults,"
-                        " float32 at the best tiling) are made (default 240)")
+                   help="wall time of the sweep (step 2), after the default tilings (default 240)")
+    p.add_argument("--f32", action="store_true",
+                   help="also time the kernel at float32 (IEEE dots, ~0.3 s a call on 70B"
+                        " gate_up: 50-100x XLA's f32); always on with --smoke")
     p.add_argument("--xla_form", choices=XLA_FORMS, default="engine",
                    help="XLA baselines as the engine runs them (fused matrices part by part, in"
                         " row chunks) or plain (one dequantize + einsum per matrix); default"
@@ -445,6 +448,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="JSON file, or a folder for qmatmul.json (default $OUT/qmatmul.json)")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (2 if args.smoke else 5)
+    args.f32 = args.f32 or args.smoke
     args.unroll = args.unroll or (2 if args.smoke else 4)
     try:
         args.m = [int(v) for v in (args.m or (SMOKE_M if args.smoke else "512")).split(",")]
@@ -512,17 +516,19 @@ def main(argv: list[str] | None = None) -> int:
                     case = Case(qtype, model, matrix, n, k, m, packed, xs_for(k, m), parts)
                     bench.baselines(case)
                     bench.run(case, case.default)
-                    rec = bench.run(case, case.default, F32)
-                    if rec is not None:
-                        case.f32["default"] = rec
+                    if args.f32:
+                        rec = bench.run(case, case.default, F32)
+                        if rec is not None:
+                            case.f32["default"] = rec
                     cases[qtype, model, matrix, m] = case
                 print(f"{qtype.name} {model} {matrix}: defaults done"
                       f" ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     # 2. The sweep: each (type, model, M) gets an equal share of what is left of the budget.
+    t_sweep = time.perf_counter()
     groups = [(qtype, model, m) for qtype in args.types for model in args.models for m in args.m]
     for i, (qtype, model, m) in enumerate(groups if not args.quick else []):
-        share = max(0.0, args.budget_s - (time.perf_counter() - t_start)) / (len(groups) - i)
+        share = max(0.0, args.budget_s - (time.perf_counter() - t_sweep)) / (len(groups) - i)
         now = time.perf_counter()
         big = cases.get((qtype, model, sweep_matrix, m))
         if big is None:
@@ -536,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
               f" {bench.n_timed} configs timed)", flush=True)
 
     # 3. float32 at the best bf16 tiling.
-    for case in cases.values():
+    for case in cases.values() if args.f32 else ():
         best = case.best()
         if best is None:
             continue
