@@ -9,6 +9,27 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+def open_llama_cpp(path: str, **kwargs):
+    """`llama_cpp.Llama(path, **kwargs)` without the CPU backend's extra buffer types (AMX and
+    repacked weights): on AMX CPUs llama-cpp-python 0.3.36 segfaults in them while evaluating
+    the tiny synthetic Q8_0 / Q4_K_M models. The plain CPU kernels compute the same products."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(path, **kwargs)
+    finally:
+        lib.llama_model_default_params = default
+
+
 # The quantized variants the engine must get right, by llama.cpp's ftype names.
 LLAMA_CPP_QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K", "F16")
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ntransformer_jax as nt
+from conftest import open_llama_cpp
 from reference import compare_logits
 from test_model import PROSE
 
@@ -13,7 +14,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="the test extra installs lla
 
 
 def llama_cpp_logits(path: str, ids) -> np.ndarray:
-    llm = llama_cpp.Llama(path, n_ctx=max(64, len(ids) + 8), logits_all=True, verbose=False, seed=0)
+    llm = open_llama_cpp(path, n_ctx=max(64, len(ids) + 8), logits_all=True, verbose=False, seed=0)
     llm.eval([int(i) for i in ids])
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
 
@@ -58,7 +59,7 @@ def test_smollm_greedy_equals_llama_cpp_greedy(smollm_engine, smollm_path):
     ids = smollm_engine.tokenize(prompt)
     ours = list(smollm_engine.generate_tokens(ids, max_new_tokens=6,
                                               params=nt.SamplingParams(temperature=0)))
-    llm = llama_cpp.Llama(smollm_path, n_ctx=64, verbose=False)
+    llm = open_llama_cpp(smollm_path, n_ctx=64, verbose=False)
     theirs = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
         theirs.append(tok)

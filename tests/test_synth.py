@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
+from conftest import open_llama_cpp
 from ntransformer_jax import synth
 from ntransformer_jax.errors import InputError
 from ntransformer_jax.metadata import read_metadata
@@ -82,7 +83,7 @@ def _reference_forward(w: dict[str, np.ndarray], shape: synth.SynthShape, tokens
 
 
 def _llama_cpp_logits(path, tokens) -> np.ndarray:
-    llm = llama_cpp.Llama(os.fspath(path), n_ctx=64, logits_all=True, verbose=False)
+    llm = open_llama_cpp(os.fspath(path), n_ctx=64, logits_all=True, verbose=False)
     llm.eval(list(tokens))
     logits = np.array(llm.scores[:len(tokens)], dtype=np.float64)
     llm.close()
