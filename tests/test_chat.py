@@ -225,7 +225,10 @@ class PtyChat:
         attrs = termios.tcgetattr(slave)
         attrs[3] &= ~termios.ECHO
         termios.tcsetattr(slave, termios.TCSANOW, attrs)
-        self.proc = subprocess.Popen([*CLI, *args], stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+        # SIGINT as at a terminal: a shell's background job (a CI run started with `&`) would
+        # hand its children SIGINT ignored, and the Ctrl-C test could not reach the CLI.
+        self.proc = subprocess.Popen([*CLI, *args], stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         os.close(slave)
         self.master = master
 
