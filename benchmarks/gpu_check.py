@@ -36,8 +36,8 @@ FLAGS = flags.FLAGS
 
 
 def logits_check(path: str, n: int = 64) -> dict:
-    """n positions in one prefill (the qmatmul prefill kernel where the matrices are packed),
-    then 8 (the fused decode kernels' rows)."""
+    """n positions in one prefill (XLA matmuls; the qmatmul kernel with model.PREFILL_KERNEL
+    on), then 8 (the fused decode kernels' rows)."""
     engine = nt.load(path, ctx_size=256)
     ids = np.random.default_rng().integers(0, engine.config.n_vocab, n)
     ref = Float64Llama(path).logits(ids)
