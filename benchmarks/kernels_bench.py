@@ -60,7 +60,7 @@ SHAPES_70B = {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192)
               "down": (8192, 28672)}
 SWEEP_SHAPE = "gate/up"
 M_ROWS = (1, 8)
-AXES = {"block_n": (16, 32, 64, 128), "block_k": (256, 512, 1024), "split_k": (1, 2, 4, 8),
+AXES = {"int_dot": (True, False), "block_n": (16, 32, 64, 128), "block_k": (256, 512, 1024), "split_k": (1, 2, 4, 8),
         "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 TOP = 3  # best gate/up configs carried to the other shapes and to M = 8
 
@@ -189,8 +189,8 @@ class Bench:
 
     def run(self, case: Case, bs: qm.BlockSizes) -> dict | None:
         """Time `bs` on `case` and check its output; None if plan() rejects it or already tried."""
-        if case.tried(bs):
-            return None
+        if case.tried(bs) or (not bs.int_dot and qm._format(case.qtype).int_x is None):
+            return None   # tried, or int_dot=False on a type without the integer path (the same)
         try:
             qm.plan(case.qtype, case.m_rows, case.n_rows, case.n_cols, bs)
         except InputError:

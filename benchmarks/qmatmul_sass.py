@@ -70,7 +70,7 @@ def op_class(op: str) -> str:
 # Parent: lower to TTIR.
 # ---------------------------------------------------------------------------------------------
 
-def lower_ttir(qtype_name: str, m: int, n: int, k: int, bs) -> str:
+def lower_ttir(qtype_name: str, m: int, n: int, k: int, bs, kernel: str = "qmatmul") -> str:
     import gguf
     import jax
     import jax.numpy as jnp
@@ -90,9 +90,13 @@ def lower_ttir(qtype_name: str, m: int, n: int, k: int, bs) -> str:
 
     lowering.lower_jaxpr_to_triton_module = wrapped
     try:
-        f = functools.partial(qmm.qmatmul_packed, qtype=qtype, n_cols=k, block_sizes=bs,
-                              dtype=jnp.bfloat16)
-        x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+        if kernel == "qmatvec":
+            f = functools.partial(qm.qmatvec_packed, qtype=qtype, n_cols=k, block_sizes=bs)
+            x = jax.ShapeDtypeStruct((m, k), jnp.float32)
+        else:
+            f = functools.partial(qmm.qmatmul_packed, qtype=qtype, n_cols=k, block_sizes=bs,
+                                  dtype=jnp.bfloat16)
+            x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
         packed = tuple(qm.packed_shapes(qtype, n, k))
         jax.jit(f).trace(x, packed).lower(lowering_platforms=("cuda",))
     finally:
@@ -176,13 +180,15 @@ def loops(ins: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     return sorted(res, key=lambda r: r[1] - r[0])
 
 
-def analyse(sass: str, ptx: str, bs) -> dict:
+def analyse(sass: str, ptx: str, bs, loop_ops=("HGMMA", "HMMA")) -> dict:
+    """Counts of the kernel and of its K loop: the innermost backward branch whose body holds
+    one of `loop_ops` (the MMA for qmatmul, the global loads for qmatvec)."""
     ins = parse_sass(sass)
     total = collections.Counter(op.split(".")[0] for _, op, _ in ins)
     mma_ops = ("HGMMA", "HMMA")
     body = None
     for s, e in loops(ins):
-        if any(op.split(".")[0] in mma_ops for _, op, _ in ins[s:e + 1]):
+        if any(op.split(".")[0] in loop_ops for _, op, _ in ins[s:e + 1]):
             body = (s, e)
             break
     res = dict(sass_total=len(ins),
@@ -221,21 +227,48 @@ def analyse(sass: str, ptx: str, bs) -> dict:
         thread_instr_per_value=len(ops) * warps * 32 / values,
         dequant_named_thread_instr_per_value=res["loop"]["dequant_named"] * warps * 32 / values,
         issue_clk=len(ops) * warps / 4,
-        tensor_clk=2 * bs.block_m * values / 4096)
-    res["loop"]["tensor_over_issue"] = res["loop"]["tensor_clk"] / res["loop"]["issue_clk"]
+        dp4a=base["IDP"] + base["IDP4A"])
+    if hasattr(bs, "block_m"):
+        res["loop"]["tensor_clk"] = 2 * bs.block_m * values / 4096
+        res["loop"]["tensor_over_issue"] = res["loop"]["tensor_clk"] / res["loop"]["issue_clk"]
     res["loop"]["loads_per_value"] = res["loop"]["loads"] / values
     return res
 
 
 # ---------------------------------------------------------------------------------------------
 
-def parse_config(text: str):
+def parse_config(text: str, kernel: str = "qmatmul"):
+    """qmatmul: `qtype:block_m:block_n:block_k:num_warps:num_stages`; qmatvec:
+    `qtype:block_n:block_k:num_warps:num_stages:int|float` (the last field: `int_dot`)."""
+    if kernel == "qmatvec":
+        from ntransformer_jax.kernels.qmatvec import BlockSizes as VecSizes
+        q, bn, bk, nw, ns, path = text.split(":")
+        return q, VecSizes(block_n=int(bn), block_k=int(bk), num_warps=int(nw),
+                           num_stages=int(ns), int_dot=path == "int")
     from ntransformer_jax.kernels.qmatmul import BlockSizes
     q, bm, bn, bk, nw, ns = text.split(":")
     return q, BlockSizes(block_m=int(bm), block_n=int(bn), block_k=int(bk), num_warps=int(nw),
                          num_stages=int(ns))
 
 
+SMS, CLOCK_GHZ = 132, 1.98   # H100 SXM / H200: SMs and boost clock, for the issue bound
+
+
+def vec_metrics(loop: dict, bs, qname: str, n: int, k: int) -> dict:
+    """qmatvec: weight bytes one loop iteration reads (the packed bytes of block_n x block_k
+    values), thread instructions per byte, and the bandwidth at which the SMs' instruction
+    issue (4 warp instructions a clock) would bind if nothing else did."""
+    import gguf
+    from ntransformer_jax.kernels import qmatvec as qm
+    qtype = gguf.GGMLQuantizationType[qname.upper()]
+    per_value = qm.packed_nbytes(qtype, n, k) / (n * k)
+    nbytes = bs.block_n * bs.block_k * per_value
+    return dict(bytes_per_iter=nbytes, thread_instr_per_byte=loop["warp_instr_per_iter"] * 32 / nbytes,
+                issue_bound_gbps=nbytes / loop["issue_clk"] * SMS * CLOCK_GHZ)
+
+
+VEC_CONFIGS = ",".join(f"{q}:{c}:{path}" for q in ("q4_0", "q8_0", "q4_1")
+                       for c in ("32:512:8:3", "16:512:4:3") for path in ("int", "float"))
 DEFAULT_CONFIGS = ",".join(f"{q}:{c}" for q in ("q4_0", "q8_0")
                            for c in ("64:64:128:4:3", "128:64:128:8:3", "256:64:128:8:3"))
 
@@ -244,7 +277,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--triton", default="/tmp/tritonpkg", help="--target dir of the triton wheel")
     p.add_argument("--out", default="/tmp/qmatmul_sass")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS)
+    p.add_argument("--configs", default=None, help="comma-separated configs (parse_config);"
+                   " default: DEFAULT_CONFIGS, or VEC_CONFIGS with --kernel qmatvec")
+    p.add_argument("--kernel", choices=("qmatmul", "qmatvec"), default="qmatmul")
     p.add_argument("--m", type=int, default=512)
     p.add_argument("--n", type=int, default=1024, help="W rows (70B gate/up is 28672; any"
                    " multiple of block_n gives the same kernel body)")
@@ -262,14 +297,20 @@ def main(argv=None) -> int:
     cuobjdump = os.path.join(args.triton, "triton", "backends", "nvidia", "bin", "cuobjdump")
     env = dict(os.environ, PYTHONPATH=args.triton, JAX_PLATFORMS="cpu")
     summary = []
-    for text in args.configs.split(","):
-        qname, bs = parse_config(text)
-        tag = (f"{qname}_m{bs.block_m}_n{bs.block_n}_k{bs.block_k}_w{bs.num_warps}"
-               f"_s{bs.num_stages}" + ("_foldacc" if args.fold_acc else ""))
+    vec = args.kernel == "qmatvec"
+    configs = args.configs or (VEC_CONFIGS if vec else DEFAULT_CONFIGS)
+    for text in configs.split(","):
+        qname, bs = parse_config(text, args.kernel)
+        if vec:
+            tag = (f"qmatvec_{qname}_m{args.m}_n{bs.block_n}_k{bs.block_k}_w{bs.num_warps}"
+                   f"_s{bs.num_stages}_{'int' if bs.int_dot else 'float'}")
+        else:
+            tag = (f"{qname}_m{bs.block_m}_n{bs.block_n}_k{bs.block_k}_w{bs.num_warps}"
+                   f"_s{bs.num_stages}" + ("_foldacc" if args.fold_acc else ""))
         stem = os.path.join(args.out, tag)
         rec = dict(config=tag, qtype=qname, block_sizes=dataclasses.asdict(bs), m=args.m, n=args.n, k=args.k)
         try:
-            ttir = lower_ttir(qname, args.m, args.n, args.k, bs)
+            ttir = lower_ttir(qname, args.m, args.n, args.k, bs, args.kernel)
             if args.fold_acc:
                 ttir = fold_acc(ttir)
             with open(stem + ".ttir", "w") as fh:
@@ -292,11 +333,21 @@ def main(argv=None) -> int:
                                                      ttgir)))
             rec["ttgir_dot_ops"] = sorted(set(re.findall(r"\b(ttng\.warp_group_dot|tt\.dot)\b",
                                                          ttgir)))
-            rec.update(analyse(sass, ptx, bs))
+            rec.update(analyse(sass, ptx, bs, ("LDG", "LDGSTS") if vec else ("HGMMA", "HMMA")))
+            if vec and rec.get("loop"):
+                rec["loop"].update(vec_metrics(rec["loop"], bs, qname, args.n, args.k))
         except Exception as e:  # noqa: BLE001 - report and go on
             rec["error"] = f"{type(e).__name__}: {e}"
         summary.append(rec)
         lp = rec.get("loop") or {}
+        if vec:
+            print(f"{tag}: " + (rec["error"][:2000] if "error" in rec else
+                  f"loop {lp.get('instructions')} instr x {bs.num_warps} warps per"
+                  f" {lp.get('bytes_per_iter', 0):.0f} weight bytes ="
+                  f" {lp.get('thread_instr_per_byte', float('nan')):.2f} thread instr/byte;"
+                  f" issue bound {lp.get('issue_bound_gbps', float('nan')):.0f} GB/s;"
+                  f" dp4a {lp.get('dp4a')}; classes {lp.get('by_class')}"), flush=True)
+            continue
         print(f"{tag}: " + (rec["error"][:2000] if "error" in rec else
               f"ttgir mma v{rec['ttgir_mma']} {rec['ttgir_dot_ops']}; PTX wgmma {rec['ptx_wgmma']}"
               f" mma.sync {rec['ptx_mma_sync']}; SASS HGMMA {rec['kernel_hgmma']} HMMA"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Session-4 resident-path run (one device call): compiled tests of the decode kernels, then the
 # 8B profile and llama-bench-like e2e figures. Results under $OUT. See BUILD.md for the prefix.
-#   STEPS="tests qmmtest qmmbench iprobe pinprobe check ident profile e2e variants tiers q6k disk4 big" \
+#   STEPS="tests kmtest kbench qmmtest qmmbench iprobe pinprobe check ident profile e2e variants tiers q6k disk4 big" \
 #   QUANTS="Q8_0 Q4_0" PREFILL=on,off bash benchmarks/run_s4.sh
 set -u
 OUT=${OUT:-/tmp/out}
@@ -15,6 +15,14 @@ if [[ $STEPS == *tests* ]]; then
         2>&1 | tail -2
     KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
         -k "glu or stacked or self_test" 2>&1 | tail -2
+fi
+if [[ $STEPS == *kmtest* ]]; then  # the decode kernels compiled, the types of KTYPES (pytest -k)
+    KERNELS_INTERPRET=0 timeout ${KT_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+        -k "${KTYPES:-Q4_0 or Q8_0 or Q4_1}" 2>&1 | tail -3
+fi
+if [[ $STEPS == *kbench* ]]; then  # decode kernels on the 70B shapes against XLA (KB_ARGS: --quick, --types)
+    timeout ${KB_TIMEOUT:-300} python3 benchmarks/kernels_bench.py ${KB_ARGS:---quick} --out "$OUT/kernels.json" 2>&1 \
+        | grep -v "^I1\|^W1" | tail -${KB_TAIL:-40}
 fi
 if [[ $STEPS == *qmmtest* ]]; then  # the prefill kernel compiled
     KERNELS_INTERPRET=0 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_qmatmul.py 2>&1 | tail -2

@@ -36,6 +36,7 @@ CASES = (
     (64, 512, 8, jnp.float32, None),
     (64, 256, 3, jnp.bfloat16, None),
     (96, 512, 2, jnp.float32, qm.BlockSizes(block_n=32, block_k=256, split_k=2)),
+    (64, 512, 3, jnp.float32, qm.BlockSizes(block_n=16, block_k=256, int_dot=False)),
 )
 RTOL = 1e-5
 
@@ -62,15 +63,36 @@ def random_x(rng: np.random.Generator, m_rows: int, n_cols: int, dtype) -> jax.A
     return jnp.asarray(rng.standard_normal((m_rows, n_cols)).astype(np.float32), dtype=dtype)
 
 
-def check_close(y: jax.Array, x: jax.Array, w_data: np.ndarray, qtype: T, msg: str) -> None:
-    """|y - x @ W^T| <= RTOL * (|x| @ |W|^T) elementwise, in float64 on gguf-py's dequantization."""
+def x_quant_bound(x64: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """What the integer path may add to |y - x @ W^T|: x is rounded to s q per 32-value block,
+    s = max|x| / X_QMAX, so |x - s q| <= s / 2 per element (0.51: the rounding of x / s itself),
+    times |W|: [M, N]."""
+    m, k = x64.shape
+    s = np.abs(x64).reshape(m, k // 32, 32).max(axis=-1) / qm.X_QMAX
+    return np.repeat(0.51 * s, 32, axis=1) @ np.abs(w).T
+
+
+def check_close(y: jax.Array, x: jax.Array, w_data: np.ndarray, qtype: T, msg: str,
+                int_dot: bool = False) -> None:
+    """|y - x @ W^T| <= RTOL * (|x| @ |W|^T) elementwise, in float64 on gguf-py's dequantization;
+    with `int_dot` (the kernel quantized x to 16 bits) plus `x_quant_bound`."""
     w = gguf.quants.dequantize(w_data, qtype).astype(np.float64)  # [N, K]
     x64 = np.asarray(x.astype(jnp.float32), dtype=np.float64)
     want, scale = x64 @ w.T, np.abs(x64) @ np.abs(w).T
     y = np.asarray(y, dtype=np.float64)
     assert y.shape == want.shape, msg
-    err = np.max(np.abs(y - want) / np.maximum(scale, np.finfo(np.float64).tiny))
+    if int_dot:
+        excess = np.abs(y - want) - x_quant_bound(x64, w)
+        err = np.max(excess / np.maximum(scale, np.finfo(np.float64).tiny))
+    else:
+        err = np.max(np.abs(y - want) / np.maximum(scale, np.finfo(np.float64).tiny))
     assert err <= RTOL, f"{msg}: relative error {err:.3g} > {RTOL}"
+
+
+def takes_int(qtype: T, block_sizes: qm.BlockSizes | None = None) -> bool:
+    """Whether a launch of `qtype` with `block_sizes` (None: the default) takes the integer path."""
+    bs = block_sizes or qm.BlockSizes(int_dot=qm.INT_DOT)
+    return qm._takes_int(qm._format(qtype), bs)
 
 
 def _case_params():
@@ -87,7 +109,7 @@ def test_qmatvec_matches_float64(seed, qtype, n_rows, n_cols, m_rows, dtype, blo
     x = random_x(rng, m_rows, n_cols, dtype)
     y = qm.qmatvec(x, w_data, qtype, n_cols, block_sizes=block_sizes, interpret=INTERPRET)
     assert y.dtype == jnp.float32
-    check_close(y, x, w_data, qtype, f"kernel, seed={seed}")
+    check_close(y, x, w_data, qtype, f"kernel, seed={seed}", takes_int(qtype, block_sizes))
     ref = qm.qmatvec_reference(x, w_data, qtype, n_cols)
     check_close(ref, x, w_data, qtype, f"reference, seed={seed}")
 
@@ -102,12 +124,14 @@ def test_every_output_element_is_written(seed, qtype):
     fmt = qm._format(qtype)
     p = qm.plan(qtype, m_rows, n_rows, n_cols, qm.BlockSizes(block_n=16, block_k=256, split_k=2))
     poison = jnp.full((2, p.m_padded, n_rows), jnp.nan, jnp.float32)
-    out = qm._launch(qm._x_arrays(x, fmt, p.m_padded), qm.repack(w_data, qtype), fmt, p,
+    out = qm._launch(qm._x_arrays(x, fmt, p.m_padded, qm._takes_int(fmt, p.block_sizes)),
+                     qm.repack(w_data, qtype), fmt, p,
                      interpret=INTERPRET, out_init=poison)
     assert out.shape == (2, 4, n_rows)
     assert not np.isnan(np.asarray(out)).any(), f"unwritten output elements, seed={seed}"
     assert not np.asarray(out[:, m_rows:]).any(), "padded x rows must give zeros"
-    check_close(out.sum(0)[:m_rows], x, w_data, qtype, f"seed={seed}")
+    check_close(out.sum(0)[:m_rows], x, w_data, qtype, f"seed={seed}",
+                takes_int(qtype, p.block_sizes))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -152,7 +176,7 @@ def test_jit_and_bf16_match_reference(seed):
     def f(x, packed):
         return qm.qmatvec_packed(x, packed, T.Q4_0, 256, interpret=INTERPRET)
 
-    check_close(f(x, packed), x, w_data, T.Q4_0, f"seed={seed}")
+    check_close(f(x, packed), x, w_data, T.Q4_0, f"seed={seed}", takes_int(T.Q4_0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +196,7 @@ def test_ragged_rows_are_rejected_and_multiples_of_eight_accepted():
                    interpret=INTERPRET)
     w_data = _q4_0(40)  # default block_n = 8
     check_close(qm.qmatvec(x, w_data, T.Q4_0, 256, interpret=INTERPRET), x, w_data, T.Q4_0,
-                "N=40")
+                "N=40", takes_int(T.Q4_0))
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -276,7 +300,8 @@ def test_stacked_layer_index(seed, qtype):
         x, s, qtype, 512, layer=i, interpret=INTERPRET,
         block_sizes=qm.BlockSizes(block_n=16, block_k=256, split_k=2)))
     for i in (2, 0, 1):
-        check_close(f(x, stack, jnp.int32(i)), x, ws[i], qtype, f"layer {i}, seed={seed}")
+        check_close(f(x, stack, jnp.int32(i)), x, ws[i], qtype, f"layer {i}, seed={seed}",
+                    takes_int(qtype))
 
 
 def test_self_test_passes_and_catches_a_wrong_result(monkeypatch):
@@ -284,8 +309,54 @@ def test_self_test_passes_and_catches_a_wrong_result(monkeypatch):
         qm.self_test.__wrapped__(qtype, interpret=INTERPRET)
     monkeypatch.setattr(qm, "qmatvec_packed", lambda x, packed, qtype, n_cols, **kw:
                         jnp.zeros((x.shape[0], packed[0].shape[0]), jnp.float32))
-    with pytest.raises(NTransformerError, match="self-test for Q4_0: relative error"):
+    with pytest.raises(NTransformerError, match=r"self-test for Q4_0 \(float path\): relative"):
         qm.self_test.__wrapped__(T.Q4_0, interpret=INTERPRET)
+
+
+def test_self_test_falls_back_to_the_float_path(monkeypatch):
+    """An integer path that fails (here: wrong sums) turns INT_DOT off; the float path serves."""
+    monkeypatch.setattr(qm, "INT_DOT", True)
+    real = qm._int_words
+    monkeypatch.setattr(qm, "_int_words", lambda w, rows, *a: [-t for t in real(w, rows, *a)])
+    jax.clear_caches()   # traces of the real path would be reused
+    try:
+        qm.self_test.__wrapped__(T.Q8_0, interpret=INTERPRET)
+        assert qm.INT_DOT is False
+        assert not qm.BlockSizes.get_default(T.Q8_0, 64, 256).int_dot
+        monkeypatch.setattr(qm, "_int_words", lambda *a: 1 / 0)
+        qm.self_test.__wrapped__(T.Q4_0, interpret=INTERPRET)   # the float path only: passes
+    finally:
+        jax.clear_caches()   # nor must later tests reuse the patched traces
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+def test_x_digits(seed, scale):
+    """The integer path's x: digits in int8 range that rebuild q, |x - s q| <= s / 2 (+ the
+    rounding of x / s), zero blocks exactly zero, sum(q) right."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((3, 4, 32)) * scale).astype(np.float32)
+    x[1, 2] = 0.0
+    x[2, 1, 5] = 1e3 * scale   # one large value: the rest of its block gets coarse digits
+    h, l, s, sq = (np.asarray(a) for a in qm._x_int(jnp.asarray(x)))
+    digits = lambda w: np.stack([(w >> (8 * k)).astype(np.int8) for k in range(4)], -1).reshape(3, 4, 32)
+    dh, dl = digits(h).astype(np.int64), digits(l).astype(np.int64)
+    q = 256 * dh + dl
+    assert np.abs(dh).max() <= 127 and np.abs(q).max() <= qm.X_QMAX
+    np.testing.assert_array_equal(q.sum(-1), sq)
+    assert s[1, 2] == 0 and not q[1, 2].any()
+    err = np.abs(x.astype(np.float64) - s[..., None].astype(np.float64) * q)
+    assert np.all(err <= 0.51 * s[..., None]), float((err / np.maximum(s[..., None], 1e-300)).max())
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+def test_int_path_keeps_nan_and_inf(qtype):
+    rng = np.random.default_rng(0)
+    w_data = random_weight(rng, qtype, 16, 64)
+    x = np.asarray(random_x(rng, 2, 64, jnp.float32)).copy()
+    x[0, 3], x[1, 40] = np.nan, np.inf
+    y = np.asarray(qm.qmatvec(jnp.asarray(x), w_data, qtype, 64, interpret=INTERPRET,
+                              block_sizes=qm.BlockSizes(block_n=16, block_k=32)))
+    assert np.isnan(y[0]).all() and not np.isfinite(y[1]).all()
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -307,9 +378,14 @@ def test_glu_matches_float64(seed, qtype, m_rows, stacked):
     g, u = x64 @ w[:n_ff].T, x64 @ w[n_ff:].T
     with np.errstate(over="ignore"):
         want = g / (1 + np.exp(-g)) * u
-    # the error of g and u (RTOL of |x| |W|^T each) carried through silu(g) * u
+    # the error of g and u (RTOL of |x| |W|^T each, plus x's rounding on the integer path)
+    # carried through silu(g) * u
     gs, us = np.abs(x64) @ np.abs(w[:n_ff]).T, np.abs(x64) @ np.abs(w[n_ff:]).T
-    bound = RTOL * (gs * 1.1 * np.abs(u) + np.abs(g) * us) + 1e-6 * np.abs(want)
+    ge, ue = RTOL * gs, RTOL * us
+    if takes_int(qtype):
+        xq = x_quant_bound(x64, w)
+        ge, ue = ge + xq[:, :n_ff], ue + xq[:, n_ff:]
+    bound = ge * 1.1 * (np.abs(u) + ue) + np.abs(g) * ue + 1e-6 * np.abs(want)
     assert y.shape == (m_rows, n_ff) and y.dtype == jnp.float32
     err = np.abs(np.asarray(y, np.float64) - want)
     assert np.all(err <= bound), f"seed={seed}: max error {err.max():.3g}"

@@ -13,19 +13,28 @@ the GGUF bytes:
 
 | type | repacked arrays (axis 1 = blocks of B values)                              | bytes per 256 values |
 | ---- | -------------------------------------------------------------------------- | -------------------- |
-| Q8_0 | B=32: qs [32] int8, d f16                                                  | 272 = GGUF           |
-| Q4_0 | B=32: qs [16] uint8, d f16                                                 | 144 = GGUF           |
-| Q4_1 | B=32: qs [16], d f16, m f16                                                | 160 = GGUF           |
+| Q8_0 | B=32: qs [8] int32 words (the 32 int8 bytes), d f16                        | 272 = GGUF           |
+| Q4_0 | B=32: qs [4] int32 words (the 16 bytes), d f16                             | 144 = GGUF           |
+| Q4_1 | B=32: qs [4] int32 words, d f16, m f16                                     | 160 = GGUF           |
 | Q5_0 | B=32: qs [16], d f16, qh int32                                             | 176 = GGUF           |
-| Q4_K | B=256: qs [4, 32]; d, dmin f16; scales and mins of even/odd sub-blocks [4] | 148 = GGUF 144 + 2.8% |
-| Q5_K | B=256: as Q4_K plus qh [32]                                                | 180 = GGUF 176 + 2.3% |
+| Q4_K | B=256: qs [4, 8] words; d, dmin f16; scales, mins of even/odd sub-blocks [4] | 148 = GGUF 144 + 2.8% |
+| Q5_K | B=256: as Q4_K plus qh [8] words                                           | 180 = GGUF 176 + 2.3% |
 | Q6_K | B=128: ql [2, 2, 16], qh [2, 16], scales of low/high nibbles [2, 2], d f16 | 212 = GGUF 210 + 1.0% |
 
 (K-quants grow because their packed 6-bit scales get a byte each, and Q6_K's d is stored once per
 half super-block.) The repack moves bytes only; `dequantize_packed` undoes it bit for bit.
 
-Arithmetic. A 4-bit byte holds two values that are not neighbours in K (Q4_0: element j and
-j + 16 of its block). The kernel keeps them apart as a "low" and a "high" plane and the wrapper
+Arithmetic, integer path (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K; the default, `BlockSizes.int_dot`). The wrapper
+quantizes each 32-value block of x to 16 bits (two int8 digits) and the kernel multiplies them
+with the quant bytes in `dp4a` instructions, 4 products a instruction, exactly in int32; one
+float multiply a block applies both scales. Q4_0's K loop issues 1.8 thread instructions a
+weight value instead of the float path's 8.1 (Q8_0: 1.7 against 11.9; sm_90 SASS, M = 1,
+`benchmarks/qmatmul_sass.py --kernel qmatvec`), so the kernel is no longer bound by issue. x's rounding,
+|x - x'| <= max|x_block| / 65278, is the one error the float path does not have. See "The
+integer path" below.
+
+Arithmetic, float path (every other type, and `int_dot=False`). A 4-bit byte holds two values
+that are not neighbours in K (Q4_0: element j and j + 16 of its block). The kernel keeps them apart as a "low" and a "high" plane and the wrapper
 splits x the same way, which is cheap (x is one row per token). Integers become floats without
 conversion instructions (a quarter-rate unit on NVIDIA GPUs): OR-ing a value v < 2^23 into the bit
 pattern 0x4B000000 gives the float 2^23 + v, and one subtraction, which also removes the type's
@@ -42,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -77,6 +87,9 @@ class BlockSizes:
         split_k: programs sharing one row tile, each over K / split_k columns; their partial
             sums are added by the wrapper. Raises the program count for short matrices.
         num_warps, num_stages: Triton launch options (ignored in interpret mode).
+        int_dot: take the integer path where the type has one (Q8_0, Q4_0, Q4_1, Q4_K,
+            Q5_K: x quantized to 16 bits a block, dp4a products; see "The integer path");
+            False, or any other type: float products of the f32 x, exact.
     """
 
     block_n: int = 32
@@ -84,6 +97,7 @@ class BlockSizes:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    int_dot: bool = True
 
     @classmethod
     def get_default(cls, qtype: gguf.GGMLQuantizationType, n_rows: int,
@@ -97,7 +111,7 @@ class BlockSizes:
         keep enough loads in flight.
         """
         fmt = _format(qtype)
-        tuned = TUNED.get(T(qtype), cls())
+        tuned = dataclasses.replace(TUNED.get(T(qtype), cls()), int_dot=INT_DOT)
         block_n = max(_pow2_divisor(n_rows, tuned.block_n), MIN_BLOCK_N)
         block_k = max(_pow2_divisor(n_cols, max(tuned.block_k, fmt.block)), fmt.block)
         split_k = 1
@@ -107,6 +121,8 @@ class BlockSizes:
         return dataclasses.replace(tuned, block_n=block_n, block_k=block_k, split_k=split_k)
 
 
+INT_DOT = True         # the default tiling takes the integer path; `self_test` turns it off
+                       # (process-wide) where that path does not compile or run right
 MIN_BLOCK_N = 8        # smaller row tiles waste most of each load; such N is rejected instead
 TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims for with split_k
 
@@ -181,6 +197,9 @@ class _Format(NamedTuple):
     x_split: x `[M, K / block, block]` f32 -> the x arrays the kernel reads, `[M, K / block, ...]`.
     unpack: weight tiles `[block_n, blocks, ...]` -> the floats and scales shared by all x rows.
     dot: (unpacked, x tiles of one row) -> `[block_n, blocks]`: each block's share of y.
+    int_x: the integer path's x arrays (`_x_int`), or None where the type has no such path.
+    int_dot: (packed weight tiles, the int_x tiles of every row, interpret) -> one
+        `[block_n, blocks]` f32 array per row: each block's share of y (integer dot products).
     """
 
     block: int
@@ -189,6 +208,8 @@ class _Format(NamedTuple):
     x_split: Callable[[jax.Array], tuple[jax.Array, ...]]
     unpack: Callable[..., tuple[jax.Array, ...]]
     dot: Callable[[tuple[jax.Array, ...], tuple[jax.Array, ...]], jax.Array]
+    int_x: Callable[[jax.Array], tuple[jax.Array, ...]] | None = None
+    int_dot: Callable[..., list[jax.Array]] | None = None
 
 
 def _x_nibble_planes(x):
@@ -202,60 +223,95 @@ def _dot_planes(u, xs):
     return d * _sum(lo * xs[0][None] + hi * xs[1][None])
 
 
+# Words. Q8_0, Q4_0, Q4_1, Q4_K and Q5_K keep their quant bytes as little-endian int32 words (word w holds
+# bytes 4w .. 4w + 3 of the block), the unit the integer path's dp4a reads; the float path takes
+# byte k of word w apart by a shift (value index 4w + k, so the trailing [words, 4] axes flatten
+# to the block's byte order).
+def _words(b):
+    """uint8 `[N, nb, 4 n]` -> int32 `[N, nb, n]` (the same bytes)."""
+    return lax.bitcast_convert_type(b.reshape(*b.shape[:-1], -1, 4), jnp.int32)
+
+
+def _word_bytes(w):
+    """The inverse of `_words`."""
+    return lax.bitcast_convert_type(w, jnp.uint8).reshape(*w.shape[:-1], -1)
+
+
+def _byte_planes(w):
+    """int32 words `[..., n]` -> each word's bytes moved down to bit 0, `[..., n, 4]` (the higher
+    bytes still above them: callers mask)."""
+    return w[..., None] >> (8 * _iota((*w.shape, 4), w.ndim))
+
+
 # Q8_0: 34-byte blocks `half d; int8 qs[32]`; y = d * qs. The int8 byte u flipped at bit 7 is
 # qs + 128 in [0, 256).
 def _split_q8_0(b):
-    return b[..., 2:], _half(b[..., 0:2])
+    return _words(b[..., 2:]), _half(b[..., 0:2])
 
 
 def _join_q8_0(qs, d):
-    return _cat(_bytes(d), qs)
+    return _cat(_bytes(d), _word_bytes(qs))
+
+
+def _x_q8_0(x):
+    return (x.reshape(*x.shape[:2], 8, 4),)
 
 
 def _unpack_q8_0(qs, d):
-    return _int_float(_i32(qs) ^ 0x80, 128.0), _f32(d)
+    return _int_float((_byte_planes(qs) & 0xFF) ^ 0x80, 128.0), _f32(d)
 
 
 def _dot_q8_0(u, xs):
     q, d = u
-    return d * _sum(q * xs[0][None])
+    return d * _sum(q * xs[0][None], 2)
 
 
 # Q4_0: 18-byte blocks `half d; uint8 qs[16]`: the low nibble of qs[j] is element j, the high
 # nibble element j + 16; y = d * (q - 8).
 def _split_q4_0(b):
-    return b[..., 2:], _half(b[..., 0:2])
+    return _words(b[..., 2:]), _half(b[..., 0:2])
 
 
 def _join_q4_0(qs, d):
-    return _cat(_bytes(d), qs)
+    return _cat(_bytes(d), _word_bytes(qs))
+
+
+def _x_word_planes(x):
+    """x planes of the word-packed 4-bit types, `[M, nb, 4 words, 4 bytes]` each."""
+    lo, hi = _x_nibble_planes(x)
+    return lo.reshape(*lo.shape[:2], 4, 4), hi.reshape(*hi.shape[:2], 4, 4)
 
 
 def _unpack_q4_0(qs, d):
-    b = _i32(qs)
+    b = _byte_planes(qs)
     return _int_float(b & 0xF, 8.0), _int_float(b & 0xF0, 128.0), _f32(d)
+
+
+def _dot_word_planes(u, xs):
+    lo, hi, d = u[:3]
+    return d * _sum(lo * xs[0][None] + hi * xs[1][None], 2)
 
 
 # Q4_1: 20-byte blocks `half d; half m; uint8 qs[16]`; nibbles as Q4_0; y = d * q + m.
 def _split_q4_1(b):
-    return b[..., 4:], _half(b[..., 0:2]), _half(b[..., 2:4])
+    return _words(b[..., 4:]), _half(b[..., 0:2]), _half(b[..., 2:4])
 
 
 def _join_q4_1(qs, d, m):
-    return _cat(_bytes(d), _bytes(m), qs)
+    return _cat(_bytes(d), _bytes(m), _word_bytes(qs))
 
 
 def _x_q4_1(x):
-    return (*_x_nibble_planes(x), _sum(x))
+    return (*_x_word_planes(x), _sum(x))
 
 
 def _unpack_q4_1(qs, d, m):
-    b = _i32(qs)
+    b = _byte_planes(qs)
     return _int_float(b & 0xF, 0.0), _int_float(b & 0xF0, 0.0), _f32(d), _f32(m)
 
 
 def _dot_q4_1(u, xs):
-    return _dot_planes(u, xs) + u[3] * xs[2]
+    return _dot_word_planes(u, xs) + u[3] * xs[2]
 
 
 # Q5_0: 22-byte blocks `half d; uint8 qh[4]; uint8 qs[16]`: nibbles as Q4_0; bit j of the
@@ -298,16 +354,17 @@ def _k_scales_bytes(d, dmin, sc_lo, sc_hi, mn_lo, mn_hi):
 
 
 def _x_k_planes(x):
-    """x `[M, nb, 256]` -> low and high planes `[M, nb, 4, 32]` and their sub-block sums."""
-    x = x.reshape(*x.shape[:2], 4, 2, 32)
-    lo, hi = x[..., 0, :], x[..., 1, :]
-    return lo, hi * (1 / 16), _sum(lo), _sum(hi)
+    """x `[M, nb, 256]` -> low and high planes `[M, nb, 4, 8, 4]` (chunk, word, byte: the
+    word-packed quant bytes' order) and their sub-block sums `[M, nb, 4]`."""
+    x = x.reshape(*x.shape[:2], 4, 2, 8, 4)
+    lo, hi = x[..., 0, :, :], x[..., 1, :, :]
+    return lo, hi * (1 / 16), _sum(lo, 2), _sum(hi, 2)
 
 
 def _dot_k_planes(u, xs):
     lo, hi, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi = u
     x_lo, x_hi, sx_lo, sx_hi = xs
-    s_lo, s_hi = _sum(lo * x_lo[None]), _sum(hi * x_hi[None])   # [block_n, blocks, 4]
+    s_lo, s_hi = _sum(lo * x_lo[None], 2), _sum(hi * x_hi[None], 2)   # [block_n, blocks, 4]
     t = (d[:, :, None] * (sc_lo * s_lo + sc_hi * s_hi)
          - dmin[:, :, None] * (mn_lo * sx_lo[None] + mn_hi * sx_hi[None]))
     return _sum(t)
@@ -315,15 +372,15 @@ def _dot_k_planes(u, xs):
 
 # Q4_K: 144-byte super-blocks `half d; half dmin; uint8 scales[12]; uint8 qs[128]`.
 def _split_q4_k(b):
-    return (b[..., 16:].reshape(*b.shape[:2], 4, 32), *_k_scales(b))
+    return (_words(b[..., 16:]).reshape(*b.shape[:2], 4, 8), *_k_scales(b))
 
 
 def _join_q4_k(qs, *scales):
-    return _cat(_k_scales_bytes(*scales), qs.reshape(*qs.shape[:2], 128))
+    return _cat(_k_scales_bytes(*scales), _word_bytes(qs.reshape(*qs.shape[:2], 32)))
 
 
 def _unpack_q4_k(qs, *scales):
-    b = _i32(qs)
+    b = _byte_planes(qs)                           # [block_n, blocks, 4, 8, 4]
     return (_int_float(b & 0xF, 0.0), _int_float(b & 0xF0, 0.0), *map(_f32, scales))
 
 
@@ -331,16 +388,17 @@ def _unpack_q4_k(qs, *scales):
 # qs[128]`; nibbles as Q4_K; bit 2c of qh[l] is bit 4 of chunk c's low value l, bit 2c + 1 of
 # its high value.
 def _split_q5_k(b):
-    return (b[..., 48:].reshape(*b.shape[:2], 4, 32), b[..., 16:48], *_k_scales(b))
+    return (_words(b[..., 48:]).reshape(*b.shape[:2], 4, 8), _words(b[..., 16:48]), *_k_scales(b))
 
 
 def _join_q5_k(qs, qh, *scales):
-    return _cat(_k_scales_bytes(*scales), qh, qs.reshape(*qs.shape[:2], 128))
+    return _cat(_k_scales_bytes(*scales), _word_bytes(qh),
+                _word_bytes(qs.reshape(*qs.shape[:2], 32)))
 
 
 def _unpack_q5_k(qs, qh, *scales):
-    b = _i32(qs)                                   # [block_n, blocks, 4, 32]
-    h = _i32(qh)[:, :, None, :]                    # [block_n, blocks, 1, 32]
+    b = _byte_planes(qs)                           # [block_n, blocks, 4, 8, 4]
+    h = _byte_planes(qh)[:, :, None]               # [block_n, blocks, 1, 8, 4]
     c2 = 2 * _iota(b.shape, 2)
     lo = (b & 0xF) | (((h << 4) >> c2) & 0x10)     # bit 2c -> bit 4
     hi = (b & 0xF0) | (((h << 7) >> c2) & 0x100)   # bit 2c + 1 -> bit 8 (16 x bit 4)
@@ -387,13 +445,183 @@ def _dot_q6_k(u, xs):
     return d * _sum(t, 2)
 
 
+# The integer path (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K). Each x block of 32 values is quantized to 16 bits,
+# q = round(x / s) with s = max|x| / X_QMAX, and q is split into two int8 digits q = 256 h + l
+# (h = (q + 128) >> 8, so l is in [-128, 127]). The weight's quant bytes then meet x's digits in
+# `dp4a` instructions (four 8-bit products and their sum in one instruction, PTX
+# `dp4a.{u32,s32}.s32`): a block's integer dot product is exact, and one conversion and one
+# multiply by d * s give its share of y. Against the float path (about 5 instructions a value)
+# this takes under 1: the Q4_0 word w becomes its low and high nibble bytes by a mask and a
+# shift, then four dp4a and a shift per x row take both digits of both planes. The one rounding
+# that is new is x's: |x - s q| <= s / 2 = max|x| / 65278 per element (the bound the tests
+# allow, `x_quant_bound`); the integer sums are exact, and for Q4_0 and Q4_1 even their float
+# conversion is (|sum| <= 32 * 15 * X_QMAX < 2^24).
+X_QMAX = 32639   # |q| <= X_QMAX keeps h = (q + 128) >> 8 in [-127, 127]
+_NIBBLES = 0x0F0F0F0F
+
+
+def _pack_words(v: jax.Array) -> jax.Array:
+    """int8-range int32 `[..., 4 n]` -> int32 words `[..., n]`, value 4w + k in byte k of word w."""
+    b = (v & 0xFF).astype(jnp.uint32).reshape(*v.shape[:-1], -1, 4)
+    w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    return lax.bitcast_convert_type(w, jnp.int32)
+
+
+def _x_int(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """x `[M, nb, 32]` f32 -> (h words, l words) `[M, nb, 8]` int32, the scale s `[M, nb]` f32 and
+    sum(q) `[M, nb]` int32. A block of zeros gets s = 0; NaN or inf in x makes s NaN or inf, so
+    they reach y as they do on the float path."""
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    inv = jnp.where(amax > 0, X_QMAX / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(jnp.round(x * inv[..., None]), -X_QMAX, X_QMAX).astype(jnp.int32)
+    h = (q + 128) >> 8
+    return _pack_words(h), _pack_words(q - (h << 8)), amax / X_QMAX, jnp.sum(q, axis=-1)
+
+
+def _x_int_q8_0(x):
+    return _x_int(x)
+
+
+def _x_int_nibbles(x):
+    """Q4_0, Q4_1: the digits' words split into the low plane (elements 0..15: words 0..3) and
+    the high plane (16..31: words 4..7)."""
+    h, l, s, sq = _x_int(x)
+    return h[..., :4], h[..., 4:], l[..., :4], l[..., 4:], s, sq
+
+
+def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, a_signed: bool) -> jax.Array:
+    """c + the dot product of the four bytes of a (signed or not) and of b (signed), in jnp:
+    the interpreter's stand-in for the instruction."""
+    for k in range(4):
+        ak = (a >> (8 * k)) & 0xFF
+        bk = (((b >> (8 * k)) & 0xFF) ^ 0x80) - 0x80
+        c = c + ((ak ^ 0x80) - 0x80 if a_signed else ak) * bk
+    return c
+
+
+def _int_words(planes: tuple[jax.Array, ...], rows: list[tuple[jax.Array, ...]], signed: bool,
+               interpret: bool) -> list[jax.Array]:
+    """Per weight word, per x row: sum_p 256 * dot(plane p, h_p) + dot(plane p, l_p), int32.
+
+    planes: 1 or 2 int32 arrays `[block_n, blocks, ...]` of 4 quant bytes a word (signed bytes
+    for Q8_0, else unsigned). rows: per x row its digit words, broadcastable against a plane with
+    a leading unit axis added: (h_0, .., h_{P-1}, l_0, .., l_{P-1}).
+    """
+    n = len(planes)
+    kind = "s32" if signed else "u32"
+    out = []
+    for row in rows:
+        xw = [v[None] for v in row]
+        if interpret:
+            t = 0
+            for p in range(n):
+                t = _dp4a(planes[p], xw[p], t, signed)
+            t = t << 8
+            for p in range(n):
+                t = _dp4a(planes[p], xw[n + p], t, signed)
+            out.append(t)
+            continue
+        # PTX, one instance a word: $0 the result, $1 .. $n the planes, then the x words.
+        body = [f"dp4a.{kind}.s32 t, ${1 + p}, ${1 + n + p}, {'t' if p else 0};" for p in range(n)]
+        body.append("shl.b32 t, t, 8;")
+        body += [f"dp4a.{kind}.s32 {'$0' if p == n - 1 else 't'}, ${1 + p}, ${1 + 2 * n + p}, t;"
+                 for p in range(n)]
+        shape = planes[0].shape
+        args = [*planes, *(jnp.broadcast_to(v, shape) for v in xw)]
+        out.append(plgpu.elementwise_inline_asm(
+            "{\n.reg .b32 t;\n" + "\n".join(body) + "\n}", args=args,
+            constraints=",".join(["=r"] + ["r"] * len(args)), pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])[0])
+    return out
+
+
+def _nibble_planes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int32 words -> (low nibbles, high nibbles), each a byte of its own."""
+    return w & _NIBBLES, (w >> 4) & _NIBBLES
+
+
+def _int_dot_q8_0(w, xs, interpret):
+    qs, d = w
+    sums = _int_words((qs,), [x[:2] for x in xs], True, interpret)
+    d = _f32(d)
+    return [jnp.sum(t, axis=-1).astype(jnp.float32) * (d * x[2][None]) for t, x in zip(sums, xs)]
+
+
+def _int_dot_q4_0(w, xs, interpret):
+    qs, d = w
+    sums = _int_words(_nibble_planes(qs), [x[:4] for x in xs], False, interpret)
+    d = _f32(d)
+    return [(jnp.sum(t, axis=-1) - 8 * x[5][None]).astype(jnp.float32) * (d * x[4][None])
+            for t, x in zip(sums, xs)]
+
+
+def _int_dot_q4_1(w, xs, interpret):
+    qs, d, mn = w
+    sums = _int_words(_nibble_planes(qs), [x[:4] for x in xs], False, interpret)
+    d, mn = _f32(d), _f32(mn)
+    return [jnp.sum(t, axis=-1).astype(jnp.float32) * (d * x[4][None])
+            + mn * (x[4] * x[5].astype(jnp.float32))[None] for t, x in zip(sums, xs)]
+
+
+def _x_int_k(x):
+    """K-quants: x `[M, nb, 256]` -> per chunk c (sub-blocks 2c, 2c + 1: the low and high
+    nibbles of 32 quant bytes) the digit words `[M, nb, 4, 8]` h_lo, l_lo, h_hi, l_hi, then
+    the scales and sum(q) `[M, nb, 4]` s_lo, s_hi, sq_lo, sq_hi."""
+    m, nb = x.shape[:2]
+    h, l, s, sq = _x_int(x.reshape(m, nb * 8, 32))
+    h, l = h.reshape(m, nb, 4, 2, 8), l.reshape(m, nb, 4, 2, 8)
+    s, sq = s.reshape(m, nb, 4, 2), sq.reshape(m, nb, 4, 2)
+    return (h[..., 0, :], l[..., 0, :], h[..., 1, :], l[..., 1, :],
+            s[..., 0], s[..., 1], sq[..., 0], sq[..., 1])
+
+
+def _int_dot_k(lo, hi, scales, xs, interpret):
+    """(d sc) q - dmin mn per sub-block: each plane's integer sums scaled by its sub-block's
+    scale and x's, the mins times x's block sums."""
+    d, dmin, sc_lo, sc_hi, mn_lo, mn_hi = map(_f32, scales)
+    a_lo = _int_words((lo,), [x[0:2] for x in xs], False, interpret)
+    a_hi = _int_words((hi,), [x[2:4] for x in xs], False, interpret)
+    out = []
+    for t_lo, t_hi, x in zip(a_lo, a_hi, xs):
+        s_lo, s_hi, sq_lo, sq_hi = (v[None] for v in x[4:])
+        t = (d[..., None] * (sc_lo * s_lo * jnp.sum(t_lo, axis=-1).astype(jnp.float32)
+                             + sc_hi * s_hi * jnp.sum(t_hi, axis=-1).astype(jnp.float32))
+             - dmin[..., None] * (mn_lo * (s_lo * sq_lo.astype(jnp.float32))
+                                  + mn_hi * (s_hi * sq_hi.astype(jnp.float32))))
+        out.append(_sum(t))
+    return out
+
+
+def _int_dot_q4_k(w, xs, interpret):
+    qs, *scales = w
+    return _int_dot_k(*_nibble_planes(qs), scales, xs, interpret)
+
+
+_LOW_BITS = 0x01010101
+
+
+def _int_dot_q5_k(w, xs, interpret):
+    qs, qh, *scales = w               # qs [block_n, blocks, 4, 8], qh [block_n, blocks, 8]
+    lo, hi = _nibble_planes(qs)
+    h = qh[:, :, None, :]
+    c2 = 2 * _iota(qs.shape, 2)
+    lo = lo | (((h >> c2) & _LOW_BITS) << 4)        # bit 2c of each qh byte -> bit 4
+    hi = hi | (((h >> (c2 + 1)) & _LOW_BITS) << 4)  # bit 2c + 1 -> bit 4
+    return _int_dot_k(lo, hi, scales, xs, interpret)
+
+
 _FORMATS: dict[gguf.GGMLQuantizationType, _Format] = {
-    T.Q8_0: _Format(32, _split_q8_0, _join_q8_0, lambda x: (x,), _unpack_q8_0, _dot_q8_0),
-    T.Q4_0: _Format(32, _split_q4_0, _join_q4_0, _x_nibble_planes, _unpack_q4_0, _dot_planes),
-    T.Q4_1: _Format(32, _split_q4_1, _join_q4_1, _x_q4_1, _unpack_q4_1, _dot_q4_1),
+    T.Q8_0: _Format(32, _split_q8_0, _join_q8_0, _x_q8_0, _unpack_q8_0, _dot_q8_0,
+                     _x_int_q8_0, _int_dot_q8_0),
+    T.Q4_0: _Format(32, _split_q4_0, _join_q4_0, _x_word_planes, _unpack_q4_0, _dot_word_planes,
+                     _x_int_nibbles, _int_dot_q4_0),
+    T.Q4_1: _Format(32, _split_q4_1, _join_q4_1, _x_q4_1, _unpack_q4_1, _dot_q4_1,
+                     _x_int_nibbles, _int_dot_q4_1),
     T.Q5_0: _Format(32, _split_q5_0, _join_q5_0, _x_nibble_planes, _unpack_q5_0, _dot_planes),
-    T.Q4_K: _Format(256, _split_q4_k, _join_q4_k, _x_k_planes, _unpack_q4_k, _dot_k_planes),
-    T.Q5_K: _Format(256, _split_q5_k, _join_q5_k, _x_k_planes, _unpack_q5_k, _dot_k_planes),
+    T.Q4_K: _Format(256, _split_q4_k, _join_q4_k, _x_k_planes, _unpack_q4_k, _dot_k_planes,
+                     _x_int_k, _int_dot_q4_k),
+    T.Q5_K: _Format(256, _split_q5_k, _join_q5_k, _x_k_planes, _unpack_q5_k, _dot_k_planes,
+                     _x_int_k, _int_dot_q5_k),
     T.Q6_K: _Format(128, _split_q6_k, _join_q6_k, _x_q6_k, _unpack_q6_k, _dot_q6_k),
 }
 
@@ -518,7 +746,8 @@ def dequantize_packed(packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizatio
 # ---------------------------------------------------------------------------------------------
 
 def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: int,
-                    m_rows: int, stacked: bool, glu: bool = False):
+                    m_rows: int, stacked: bool, glu: bool = False, int_dot: bool = False,
+                    interpret: bool = False):
     """One program: rows [block_n] of the output, over chunks [c0, c0 + n_chunks) of K.
 
     refs: with `stacked`, first a [1] int32 layer index; then the packed weight arrays (tiles
@@ -545,8 +774,13 @@ def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: 
         xs = [tuple(tile(r, (m,), start) for r in x_refs) for m in range(m_rows)]
         new = []
         for j, refs_j in enumerate(sets):
-            unpacked = fmt.unpack(*(tile(r, lead, start) for r in refs_j))
-            new.extend(acc[j * m_rows + m] + fmt.dot(unpacked, xs[m]) for m in range(m_rows))
+            w = [tile(r, lead, start) for r in refs_j]
+            if int_dot:
+                parts = fmt.int_dot(w, xs, interpret)
+            else:
+                unpacked = fmt.unpack(*w)
+                parts = [fmt.dot(unpacked, xs[m]) for m in range(m_rows)]
+            new.extend(acc[j * m_rows + m] + parts[m] for m in range(m_rows))
         return tuple(new)
 
     block_n = o_ref.shape[-1]
@@ -606,11 +840,18 @@ def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int
                 n_chunks=n_cols // (bs.split_k * bs.block_k))
 
 
-def _x_arrays(x: jax.Array, fmt: _Format, m_padded: int) -> tuple[jax.Array, ...]:
-    """x [M, K] -> the format's x arrays [Mp, K / block, ...] f32, zero rows up to Mp."""
+def _takes_int(fmt: _Format, bs: BlockSizes) -> bool:
+    return bs.int_dot and fmt.int_x is not None
+
+
+def _x_arrays(x: jax.Array, fmt: _Format, m_padded: int,
+              int_dot: bool = False) -> tuple[jax.Array, ...]:
+    """x [M, K] -> the format's x arrays [Mp, K / block, ...], zero rows up to Mp: f32 planes,
+    or with `int_dot` the integer path's digits and scales."""
     m, k = x.shape
     x = jnp.pad(x.astype(jnp.float32), ((0, m_padded - m), (0, 0)))
-    return fmt.x_split(x.reshape(m_padded, k // fmt.block, fmt.block))
+    x = x.reshape(m_padded, k // fmt.block, fmt.block)
+    return fmt.int_x(x) if int_dot else fmt.x_split(x)
 
 
 def _whole(a: jax.Array) -> pl.BlockSpec:
@@ -662,7 +903,8 @@ def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Form
         aliases = {len(operands) - 1: 0}
     kernel = functools.partial(_qmatvec_kernel, fmt=fmt, n_weights=len(packed),
                                blocks=bs.block_k // fmt.block, n_chunks=p.n_chunks,
-                               m_rows=p.m_padded, stacked=stacked, glu=glu)
+                               m_rows=p.m_padded, stacked=stacked, glu=glu,
+                               int_dot=_takes_int(fmt, bs), interpret=interpret)
     if out_init is not None:
         kernel = _drop_args(kernel, len(operands) - 1)
     return pl.pallas_call(
@@ -770,7 +1012,8 @@ def _run(x: jax.Array, packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizati
          interpret: bool, layer, glu: bool = False) -> jax.Array:
     """`_launch` on x [M, K] for plan `p`: [split_k, M, N] (the padding rows dropped)."""
     fmt = _format(qtype)
-    out = _launch(_x_arrays(x, fmt, p.m_padded), tuple(packed), fmt, p, interpret=interpret,
+    xs = _x_arrays(x, fmt, p.m_padded, _takes_int(fmt, p.block_sizes))
+    out = _launch(xs, tuple(packed), fmt, p, interpret=interpret,
                   layer=_layer_index(layer), glu=glu)
     return out[:, : x.shape[0]]
 
@@ -869,10 +1112,30 @@ def self_test(qtype: gguf.GGMLQuantizationType, interpret: bool = False) -> None
     `dequantize_packed` + a float64 product (once per process and type).
 
     For a caller that wants to fall back to XLA where the kernel cannot run (a GPU or Triton
-    version that fails to compile it). Raises whatever compiling or running raises, or
-    NTransformerError when the result is wrong.
+    version that fails to compile it). Where the integer path (`INT_DOT`) fails but the float
+    path passes, it logs a warning and sets `INT_DOT = False` for the process (and clears JAX's
+    caches, so nothing traced with it is reused). Raises whatever compiling or running raises,
+    or NTransformerError when the result is wrong.
     """
+    global INT_DOT
     qtype = T(qtype)
+    if INT_DOT and _format(qtype).int_x is not None:
+        try:
+            _check_kernel(qtype, interpret, int_dot=True)
+            return
+        except Exception as e:   # noqa: BLE001 -- any failure: try the float path
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            _check_kernel(qtype, interpret, int_dot=False)
+            logging.warning("qmatvec: the integer path fails for %s (%s); using the float path",
+                            qtype.name, reason)
+            INT_DOT = False
+            jax.clear_caches()
+            return
+    _check_kernel(qtype, interpret, int_dot=False)
+
+
+def _check_kernel(qtype: gguf.GGMLQuantizationType, interpret: bool, int_dot: bool) -> None:
+    """`self_test` of one path: the plain and the gate/up kernel on a 32 x 512 matrix."""
     n_rows, n_cols = 32, 512
     rng = np.random.default_rng(0)
     w = rng.integers(0, 256, (n_rows, quants.row_bytes(qtype, n_cols)), dtype=np.uint8)
@@ -880,19 +1143,25 @@ def self_test(qtype: gguf.GGMLQuantizationType, interpret: bool = False) -> None
                    if a.dtype == jnp.float16 else a for a in repack(w, qtype, n_cols))
     packed = _format(qtype).split(_format(qtype).join(*packed))   # finite scales, consistent
     x = rng.standard_normal((1, n_cols)).astype(np.float32)
-    y = np.asarray(qmatvec_packed(jnp.asarray(x), packed, qtype, n_cols, interpret=interpret))
+    bs = dataclasses.replace(BlockSizes.get_default(qtype, n_rows, n_cols), int_dot=int_dot)
+    y = np.asarray(qmatvec_packed(jnp.asarray(x), packed, qtype, n_cols, interpret=interpret,
+                                  block_sizes=bs))
     w64 = np.asarray(dequantize_packed(packed, qtype, n_cols), np.float64)
     err = np.max(np.abs(y - x @ w64.T) / np.maximum(np.abs(x) @ np.abs(w64).T, 1e-30))
+    path = "integer" if int_dot else "float"
     if not err <= 1e-4:
-        raise NTransformerError(f"qmatvec self-test for {qtype.name}: relative error {err:.3g}")
+        raise NTransformerError(f"qmatvec self-test for {qtype.name} ({path} path): relative"
+                                f" error {err:.3g}")
     # The gate/up form on the same matrix (16 gate rows, 16 up rows).
-    y = np.asarray(qmatvec_glu_packed(jnp.asarray(x), packed, qtype, n_cols, interpret=interpret,
-                                      block_sizes=BlockSizes(block_n=8, block_k=_format(qtype).block)))
+    y = np.asarray(qmatvec_glu_packed(
+        jnp.asarray(x), packed, qtype, n_cols, interpret=interpret,
+        block_sizes=BlockSizes(block_n=8, block_k=_format(qtype).block, int_dot=int_dot)))
     g, u = np.split(x @ w64.T, 2, axis=1)
     want = g / (1 + np.exp(-np.clip(g, -80, 80))) * u
     err = np.max(np.abs(y - want)) / max(np.max(np.abs(want)), 1e-30)
     if not err <= 1e-4:
-        raise NTransformerError(f"qmatvec_glu self-test for {qtype.name}: relative error {err:.3g}")
+        raise NTransformerError(f"qmatvec_glu self-test for {qtype.name} ({path} path): relative"
+                                f" error {err:.3g}")
 
 
 def qmatvec_reference(x: jax.Array, w_data: jax.Array, qtype: gguf.GGMLQuantizationType,
