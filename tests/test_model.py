@@ -234,7 +234,11 @@ def test_smollm_kernel_path_matches_float64_reference(smollm_path):
     engine = nt.load(smollm_path, ctx_size=64, kernels="interpret")
     assert engine.segments[0].attn_q.kernel == "interpret" and engine.globals.output.kernel
     ids = engine.tokenize(PROSE)[:8]
-    _check(engine.logits(ids), Float64Llama(smollm_path).logits(ids), max_rel=1e-4, min_top1=1.0)
+    # The integer path rounds each kernel's x to 16 bits a block (qmatvec "The integer path");
+    # over 30 layers that comes to ~2e-4 median (the float path: < 1e-4).
+    from ntransformer_jax.kernels import qmatvec
+    max_rel = 1e-3 if qmatvec.INT_DOT else 1e-4
+    _check(engine.logits(ids), Float64Llama(smollm_path).logits(ids), max_rel=max_rel, min_top1=1.0)
 
 
 @pytest.mark.parametrize("tiers", [{}, dict(max_vram_layers=1, max_ram_layers=0)],
