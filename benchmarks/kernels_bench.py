@@ -12,9 +12,10 @@ the kernel reads bytes, so quantizing real floats would not change a timing), re
 
 Sweep, in this order, each step within a share of `--budget_s` (defaults always run):
 1. every (type, shape, M) at `BlockSizes.get_default`, plus the XLA baseline;
-2. gate/up, M = 1: coordinate descent from the default over block_n {16..128}, block_k
-   {256, 512, 1024}, split_k {1, 2, 4, 8}, num_warps {4, 8}, num_stages {2, 3, 4} (one axis at a
-   time, keeping the best); gate/up, M = 8: the three best M = 1 configs;
+2. gate/up, M = 1: coordinate descent from the default over int_dot, block_n {8..128}, block_k
+   {256..2048}, split_k {1, 2, 4, 8}, num_warps {2..16}, num_stages {1..5} (one axis at a
+   time, keeping the best); gate/up, M = 8: the three best M = 1 configs, then (`--descend_m8`)
+   the same descent from the best of them;
 3. the other shapes: the three best gate/up configs of the same M, and split_k variants of the
    best. Configs that `qmatvec.plan` rejects are skipped; `--quick` runs step 1 only.
 
@@ -60,8 +61,8 @@ SHAPES_70B = {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192)
               "down": (8192, 28672)}
 SWEEP_SHAPE = "gate/up"
 M_ROWS = (1, 8)
-AXES = {"int_dot": (True, False), "block_n": (16, 32, 64, 128), "block_k": (256, 512, 1024), "split_k": (1, 2, 4, 8),
-        "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+AXES = {"int_dot": (True, False), "block_n": (8, 16, 32, 64, 128), "block_k": (256, 512, 1024, 2048),
+        "split_k": (1, 2, 4, 8), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5)}
 TOP = 3  # best gate/up configs carried to the other shapes and to M = 8
 
 # --smoke: CPU interpreter, tiny shapes, a two-axis sweep.
@@ -304,6 +305,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="kernel calls per jitted program, each on its own x (default 8; smoke 2)")
     p.add_argument("--budget_s", type=float, default=200.0,
                    help="wall-time budget; once spent, only defaults run (default 200)")
+    p.add_argument("--shapes", help="comma-separated shape names of " + ", ".join(SHAPES_70B)
+                   + " (default: all; the sweep shape gate/up is always kept)")
+    p.add_argument("--descend_m8", action="store_true",
+                   help="also run the coordinate descent at M = 8 (default: carry-over only)")
     p.add_argument("--seed", type=int, default=0)
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
     p.add_argument("--out", default=default_out, help="JSON file (default $OUT/kernels.json)")
@@ -323,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as err:
             raise SystemExit(f"--types: {err} is not a GGML type name") from None
     shapes, axes = (SMOKE_SHAPES, SMOKE_AXES) if args.smoke else (SHAPES_70B, AXES)
+    if args.shapes and not args.smoke:
+        names = [n.strip() for n in args.shapes.split(",")]
+        unknown = [n for n in names if n not in SHAPES_70B]
+        if unknown:
+            raise SystemExit(f"--shapes: {unknown[0]!r} is not one of {', '.join(SHAPES_70B)}")
+        shapes = {n: v for n, v in SHAPES_70B.items() if n in names or n == SWEEP_SHAPE}
     sweep_shape = next(iter(shapes)) if args.smoke else SWEEP_SHAPE
     dev = jax.devices()[0]
     ceiling = hbm_read_gbps(64 << 20 if args.smoke else 4 << 30)
@@ -362,13 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         for i, qtype in enumerate(types):
             left = args.budget_s - (time.perf_counter() - t_start)
-            deadline = time.perf_counter() + max(0.0, left) / (len(types) - i)
+            share = max(0.0, left) / (len(types) - i)
+            deadline = time.perf_counter() + share
             big = {m: cases.get((qtype, sweep_shape, m)) for m in M_ROWS}
-            if big[M_ROWS[0]] is not None:
-                _descend(bench, big[M_ROWS[0]], axes, deadline)
+            if big[M_ROWS[0]] is not None:   # with --descend_m8, M = 1 gets 45% of the share
+                _descend(bench, big[M_ROWS[0]], axes,
+                         time.perf_counter() + share * 0.45 if args.descend_m8 else deadline)
             for m in M_ROWS[1:]:
                 if big[m] is not None:
                     _carry_over(bench, big[m], big[M_ROWS[0]], deadline, split_variants=False)
+                    if args.descend_m8:
+                        _descend(bench, big[m], axes, deadline - share * 0.2)
             for shape_name in shapes:
                 for m in M_ROWS:
                     case = cases.get((qtype, shape_name, m))
