@@ -1,4 +1,4 @@
-"""Fused dequantize + matvec kernels against the XLA path, on Llama-3-70B matrix shapes.
+"""Fused dequantize + matvec kernels against the XLA path, on Llama-3-70B (or 8B) matrix shapes.
 
     python benchmarks/kernels_bench.py [--quick] [--types Q4_0,Q8_0] [--budget_s 200] [--out F]
     python benchmarks/kernels_bench.py --smoke        # CPU: Pallas interpret mode, tiny shapes
@@ -59,6 +59,9 @@ RTOL = 1e-5
 # Llama-3-70B matrices, N x K (rows x columns of W): D = 8192, F = 28672, 8 KV heads x 128.
 SHAPES_70B = {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192),
               "down": (8192, 28672)}
+# Llama-3-8B (--model 8b): D = 4096, F = 14336.
+SHAPES_8B = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096),
+             "down": (4096, 14336), "qkv": (6144, 4096)}
 SWEEP_SHAPE = "gate/up"
 M_ROWS = (1, 8)
 AXES = {"int_dot": (True, False), "block_n": (8, 16, 32, 64, 128), "block_k": (256, 512, 1024, 2048),
@@ -307,6 +310,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="wall-time budget; once spent, only defaults run (default 200)")
     p.add_argument("--shapes", help="comma-separated shape names of " + ", ".join(SHAPES_70B)
                    + " (default: all; the sweep shape gate/up is always kept)")
+    p.add_argument("--model", choices=("70b", "8b"), default="70b",
+                   help="matrix shapes of Llama-3 70B (default) or 8B")
     p.add_argument("--descend_m8", action="store_true",
                    help="also run the coordinate descent at M = 8 (default: carry-over only)")
     p.add_argument("--seed", type=int, default=0)
@@ -327,17 +332,19 @@ def main(argv: list[str] | None = None) -> int:
             types = [T[name.strip()] for name in args.types.split(",")]
         except KeyError as err:
             raise SystemExit(f"--types: {err} is not a GGML type name") from None
-    shapes, axes = (SMOKE_SHAPES, SMOKE_AXES) if args.smoke else (SHAPES_70B, AXES)
+    model_shapes = SHAPES_8B if args.model == "8b" else SHAPES_70B
+    shapes, axes = (SMOKE_SHAPES, SMOKE_AXES) if args.smoke else (model_shapes, AXES)
     if args.shapes and not args.smoke:
         names = [n.strip() for n in args.shapes.split(",")]
-        unknown = [n for n in names if n not in SHAPES_70B]
+        unknown = [n for n in names if n not in model_shapes]
         if unknown:
-            raise SystemExit(f"--shapes: {unknown[0]!r} is not one of {', '.join(SHAPES_70B)}")
-        shapes = {n: v for n, v in SHAPES_70B.items() if n in names or n == SWEEP_SHAPE}
+            raise SystemExit(f"--shapes: {unknown[0]!r} is not one of {', '.join(model_shapes)}")
+        shapes = {n: v for n, v in model_shapes.items() if n in names or n == SWEEP_SHAPE}
     sweep_shape = next(iter(shapes)) if args.smoke else SWEEP_SHAPE
     dev = jax.devices()[0]
     ceiling = hbm_read_gbps(64 << 20 if args.smoke else 4 << 30)
     res: dict[str, Any] = dict(date=time.strftime("%Y-%m-%d %H:%M"), jax=jax.__version__,
+                               model=args.model,
                                card=dev.device_kind, backend=jax.default_backend(),
                                interpret=args.smoke, hbm_read_gbps=ceiling, rtol=RTOL,
                                budget_s=args.budget_s, unroll=args.unroll, repeats=args.repeats,

@@ -261,7 +261,8 @@ def test_70b_shapes_plan_and_trace(qtype, n_rows, n_cols):
         p = qm.plan(qtype, m_rows, n_rows, n_cols)
         assert p.block_sizes == bs
         assert p.grid == (n_rows // bs.block_n, bs.split_k)
-        assert p.grid[0] * p.grid[1] >= 256
+        # enough programs, or K split as far as the tile allows
+        assert p.grid[0] * p.grid[1] >= 256 or n_cols % (2 * bs.split_k * bs.block_k)
         assert p.m_padded in (1, 4, 8) and p.n_chunks * bs.block_k * bs.split_k == n_cols
     # Trace repack and the whole wrapper, pallas_call included, on abstract arrays.
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]

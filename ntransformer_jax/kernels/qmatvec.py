@@ -115,16 +115,25 @@ class BlockSizes:
         block_n = max(_pow2_divisor(n_rows, tuned.block_n), MIN_BLOCK_N)
         block_k = max(_pow2_divisor(n_cols, max(tuned.block_k, fmt.block)), fmt.block)
         split_k = 1
-        while (n_rows // block_n * split_k * 2 <= TARGET_PROGRAMS
-               and n_cols % (2 * split_k * block_k) == 0):
-            split_k *= 2
+        target = TARGET_PROGRAMS.get(T(qtype), DEFAULT_TARGET_PROGRAMS)
+        while n_rows // block_n * split_k * 2 <= target:
+            if n_cols % (2 * split_k * block_k) == 0:
+                split_k *= 2
+            elif n_rows // block_n * split_k < MIN_PROGRAMS and block_k > fmt.block:
+                block_k //= 2   # K has an odd factor (14336 = 7 x 2048): a smaller tile splits
+            else:
+                break
         return dataclasses.replace(tuned, block_n=block_n, block_k=block_k, split_k=split_k)
 
 
 INT_DOT = True         # the default tiling takes the integer path; `self_test` turns it off
                        # (process-wide) where that path does not compile or run right
 MIN_BLOCK_N = 8        # smaller row tiles waste most of each load; such N is rejected instead
-TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims for with split_k
+MIN_PROGRAMS = 256     # about two programs an SM: below it get_default trades block_k for split_k
+DEFAULT_TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims for with split_k
+# Types whose tuned tile is large enough that fewer programs keep the loads in flight (Q4_0's
+# 32 x 2048 tile reads 36 KB an iteration: on the 70B gate/up matrix split_k 2 was 6% slower).
+TARGET_PROGRAMS: dict[gguf.GGMLQuantizationType, int] = {T.Q4_0: 1024}
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -630,10 +639,12 @@ SUPPORTED_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(_FORMATS)
 # Per-type tiles: the fastest of a sweep (block_n 16/32/64 x block_k 256/512/1024 x 4/8 warps,
 # 3 stages) on the 28672 x 8192 matrix, M = 1, H200, 2026-11-27 (benchmarks/RESULTS.md). That
 # sweep timed blocked calls (host round trip included), so the choice is provisional: re-tune
-# with benchmarks/kernels_bench.py, which times calls back to back.
+# with benchmarks/kernels_bench.py, which times calls back to back. Q4_0 is from that script's
+# coordinate descent on the integer path (H100, 2026-12-06): 32 x 2048, 8 warps, 4 stages
+# (60.4 us on 70B gate/up against 69.3 us for 32 x 512, 3 stages, split_k 2).
 TUNED: dict[gguf.GGMLQuantizationType, BlockSizes] = {
     T.Q8_0: BlockSizes(block_n=16, block_k=512, num_warps=4),
-    T.Q4_0: BlockSizes(block_n=32, block_k=512, num_warps=8),
+    T.Q4_0: BlockSizes(block_n=32, block_k=2048, num_warps=8, num_stages=4),
     T.Q4_1: BlockSizes(block_n=16, block_k=1024, num_warps=4),
     T.Q5_0: BlockSizes(block_n=16, block_k=1024, num_warps=4),
     T.Q4_K: BlockSizes(block_n=32, block_k=1024, num_warps=8),
