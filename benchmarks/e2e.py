@@ -37,6 +37,8 @@ flags.DEFINE_list("kernels", ["auto"], "Kernel modes to run one after the other 
 flags.DEFINE_enum("matmul", "f32", ["f32", "bf16"], "Prefill matmul input type (engine option).")
 flags.DEFINE_list("prefill_kernel", ["off"], "model.PREFILL_KERNEL for each run (on: prefill "
                   "matmuls by the qmatmul kernel; off: XLA); several values run one after the other.")
+flags.DEFINE_list("fuse_x", ["on"], "qmatvec.FUSE_X for each run (on: the decode kernels quantize x "
+                  "themselves; off: XLA quantizes it before each launch).")
 flags.DEFINE_integer("scan_unroll", 0, "Set model.SCAN_UNROLL (0: keep the default; -1: full unroll).")
 flags.DEFINE_string("out", None, "Folder for e2e.json.")
 FLAGS = flags.FLAGS
@@ -49,7 +51,8 @@ def main(argv):
         from ntransformer_jax import model
         model.SCAN_UNROLL = True if FLAGS.scan_unroll < 0 else FLAGS.scan_unroll
     hbm = hbm_read_gbps() if jax.default_backend() == "gpu" else None
-    runs = [run(path, mode, hbm, pk == "on") for mode in FLAGS.kernels for pk in FLAGS.prefill_kernel]
+    runs = [run(path, mode, hbm, pk == "on", fx == "on") for mode in FLAGS.kernels
+            for pk in FLAGS.prefill_kernel for fx in FLAGS.fuse_x]
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
         name = os.path.splitext(os.path.basename(path))[0]
@@ -58,15 +61,19 @@ def main(argv):
     print(json.dumps(runs, indent=1))
     for res in runs:
         print(f"\n{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']} "
-              f"matmul={res['matmul']} prefill_kernel={res['prefill_kernel']} unroll={res['scan_unroll']} load {res['load_s']:.0f}s: "
+              f"matmul={res['matmul']} prefill_kernel={res['prefill_kernel']} "
+              f"fuse_x={res['fuse_x']} unroll={res['scan_unroll']} load {res['load_s']:.0f}s: "
               f"pp{FLAGS.pp} {res['pp_tok_per_s']['median']:.1f} tok/s, tg{FLAGS.tg} "
               f"{res['tg_tok_per_s']['median']:.1f} tok/s (roofline {res.get('tg_roofline')}, "
               f"HBM {hbm} GB/s)")
 
 
-def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool) -> dict:
+def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
+        fuse_x: bool = True) -> dict:
     from ntransformer_jax import model
+    from ntransformer_jax.kernels import qmatvec
     model.PREFILL_KERNEL = prefill_kernel
+    qmatvec.FUSE_X = fuse_x
     jax.clear_caches()          # traced steps read it: retrace
     dev = jax.devices()[0]
     res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=dev.device_kind,
@@ -78,6 +85,7 @@ def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool) -> dic
     res["kernels"], res["matmul"] = eng.kernels, eng.matmul
     res["scan_unroll"] = FLAGS.scan_unroll
     res["prefill_kernel"] = prefill_kernel
+    res["fuse_x"] = qmatvec.FUSE_X   # as the load's self-test left it
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, min(eng.config.n_vocab, 30000), FLAGS.pp).tolist()

@@ -64,7 +64,7 @@ SHAPES_8B = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096),
              "down": (4096, 14336), "qkv": (6144, 4096)}
 SWEEP_SHAPE = "gate/up"
 M_ROWS = (1, 8)
-AXES = {"int_dot": (True, False), "block_n": (8, 16, 32, 64, 128), "block_k": (256, 512, 1024, 2048),
+AXES = {"int_dot": (True, False), "fuse_x": (True, False), "block_n": (8, 16, 32, 64, 128), "block_k": (256, 512, 1024, 2048),
         "split_k": (1, 2, 4, 8), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5)}
 TOP = 3  # best gate/up configs carried to the other shapes and to M = 8
 
@@ -193,8 +193,10 @@ class Bench:
 
     def run(self, case: Case, bs: qm.BlockSizes) -> dict | None:
         """Time `bs` on `case` and check its output; None if plan() rejects it or already tried."""
-        if case.tried(bs) or (not bs.int_dot and qm._format(case.qtype).int_x is None):
-            return None   # tried, or int_dot=False on a type without the integer path (the same)
+        fmt = qm._format(case.qtype)
+        if case.tried(bs) or (not bs.int_dot and fmt.int_x is None) or (
+                not bs.fuse_x and not qm._takes_fused(fmt, dataclasses.replace(bs, fuse_x=True))):
+            return None   # tried, or a flag that changes nothing for this type (the same kernel)
         try:
             qm.plan(case.qtype, case.m_rows, case.n_rows, case.n_cols, bs)
         except InputError:
@@ -314,6 +316,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="matrix shapes of Llama-3 70B (default) or 8B")
     p.add_argument("--descend_m8", action="store_true",
                    help="also run the coordinate descent at M = 8 (default: carry-over only)")
+    p.add_argument("--no_fuse_x", action="store_true",
+                   help="defaults with x quantized by XLA before each launch (qmatvec.FUSE_X off)")
     p.add_argument("--seed", type=int, default=0)
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
     p.add_argument("--out", default=default_out, help="JSON file (default $OUT/kernels.json)")
@@ -325,6 +329,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.no_fuse_x:
+        qm.FUSE_X = False
     t_start = time.perf_counter()
     types = sorted(qm.SUPPORTED_TYPES, key=lambda t: t.name)
     if args.types:

@@ -8,6 +8,7 @@ compiled with `KERNELS_INTERPRET=0`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ntransformer_jax import quants
 from ntransformer_jax.errors import InputError, NTransformerError
 from ntransformer_jax.kernels import qmatvec as qm
 
@@ -124,7 +126,8 @@ def test_every_output_element_is_written(seed, qtype):
     fmt = qm._format(qtype)
     p = qm.plan(qtype, m_rows, n_rows, n_cols, qm.BlockSizes(block_n=16, block_k=256, split_k=2))
     poison = jnp.full((2, p.m_padded, n_rows), jnp.nan, jnp.float32)
-    out = qm._launch(qm._x_arrays(x, fmt, p.m_padded, qm._takes_int(fmt, p.block_sizes)),
+    out = qm._launch(qm._x_arrays(x, fmt, p.m_padded, qm._takes_int(fmt, p.block_sizes),
+                                  qm._takes_fused(fmt, p.block_sizes)),
                      qm.repack(w_data, qtype), fmt, p,
                      interpret=INTERPRET, out_init=poison)
     assert out.shape == (2, 4, n_rows)
@@ -328,6 +331,49 @@ def test_self_test_falls_back_to_the_float_path(monkeypatch):
         qm.self_test.__wrapped__(T.Q4_0, interpret=INTERPRET)   # the float path only: passes
     finally:
         jax.clear_caches()   # nor must later tests reuse the patched traces
+
+
+def test_self_test_falls_back_to_the_wrapper_quantized_x(monkeypatch):
+    """In-kernel x quantization that fails (here: wrong scales) turns FUSE_X off only."""
+    monkeypatch.setattr(qm, "INT_DOT", True)
+    monkeypatch.setattr(qm, "FUSE_X", True)
+    real = qm._quant_tiles
+    monkeypatch.setattr(qm, "_quant_tiles", lambda tiles: (*real(tiles)[:2], *(
+        -v for v in real(tiles)[2:3]), real(tiles)[3]))
+    jax.clear_caches()
+    try:
+        qm.self_test.__wrapped__(T.Q4_0, interpret=INTERPRET)
+        assert qm.FUSE_X is False and qm.INT_DOT is True
+        bs = qm.BlockSizes.get_default(T.Q4_0, 64, 256)
+        assert bs.int_dot and not bs.fuse_x
+    finally:
+        jax.clear_caches()
+
+
+INT_TYPES = [t for t in TYPES if qm._format(t).fused_x is not None]
+
+
+@pytest.mark.parametrize("qtype", INT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m_rows,dtype", [(1, jnp.float32), (3, jnp.bfloat16), (8, jnp.float32)])
+def test_x_quantized_in_the_kernel_or_by_the_wrapper(seed, qtype, m_rows, dtype):
+    """Both integer-path forms hold the bound; their x digits agree to one unit of rounding
+    (the kernel's x * inv may be fused into the rounding add, a single rounding)."""
+    rng = np.random.default_rng(seed)
+    n_rows, n_cols = 32, 1024
+    w_data = random_weight(rng, qtype, n_rows, n_cols)
+    x = random_x(rng, m_rows, n_cols, dtype)
+    ys = {}
+    for fuse in (True, False):
+        bs = dataclasses.replace(qm.BlockSizes.get_default(qtype, n_rows, n_cols),
+                                 int_dot=True, fuse_x=fuse)
+        assert qm._takes_fused(qm._format(qtype), bs) is fuse
+        ys[fuse] = qm.qmatvec(x, w_data, qtype, n_cols, block_sizes=bs, interpret=INTERPRET)
+        check_close(ys[fuse], x, w_data, qtype, f"fuse_x={fuse}, seed={seed}", True)
+    w = np.asarray(quants.dequantize(w_data, qtype, n_cols), np.float64)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    # one unit of x's digit per element at most: |dy| <= 2 s |W| summed, s = max|x_block| / X_QMAX
+    assert np.all(np.abs(np.asarray(ys[True], np.float64) - np.asarray(ys[False], np.float64))
+                  <= 2 * x_quant_bound(x64, w) + 1e-5 * (np.abs(x64) @ np.abs(w).T))
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])

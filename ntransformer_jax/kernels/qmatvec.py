@@ -24,8 +24,10 @@ the GGUF bytes:
 (K-quants grow because their packed 6-bit scales get a byte each, and Q6_K's d is stored once per
 half super-block.) The repack moves bytes only; `dequantize_packed` undoes it bit for bit.
 
-Arithmetic, integer path (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K; the default, `BlockSizes.int_dot`). The wrapper
-quantizes each 32-value block of x to 16 bits (two int8 digits) and the kernel multiplies them
+Arithmetic, integer path (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K; the default, `BlockSizes.int_dot`). Each
+program quantizes the 32-value blocks of x it reads to 16 bits (two int8 digits; `fuse_x`, the
+default: no XLA kernel runs before the launch, which on small matrices costs as much as the
+matrix itself; with `fuse_x=False` the wrapper does it once) and multiplies them
 with the quant bytes in `dp4a` instructions, 4 products a instruction, exactly in int32; one
 float multiply a block applies both scales. Q4_0's K loop issues 1.8 thread instructions a
 weight value instead of the float path's 8.1 (Q8_0: 1.7 against 11.9; sm_90 SASS, M = 1,
@@ -90,6 +92,8 @@ class BlockSizes:
         int_dot: take the integer path where the type has one (Q8_0, Q4_0, Q4_1, Q4_K,
             Q5_K: x quantized to 16 bits a block, dp4a products; see "The integer path");
             False, or any other type: float products of the f32 x, exact.
+        fuse_x: on the integer path, each program quantizes its own x tiles from the float x
+            (no XLA kernels before the launch); False: the wrapper quantizes x first.
     """
 
     block_n: int = 32
@@ -98,6 +102,7 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 3
     int_dot: bool = True
+    fuse_x: bool = True
 
     @classmethod
     def get_default(cls, qtype: gguf.GGMLQuantizationType, n_rows: int,
@@ -111,7 +116,7 @@ class BlockSizes:
         keep enough loads in flight.
         """
         fmt = _format(qtype)
-        tuned = dataclasses.replace(TUNED.get(T(qtype), cls()), int_dot=INT_DOT)
+        tuned = dataclasses.replace(TUNED.get(T(qtype), cls()), int_dot=INT_DOT, fuse_x=FUSE_X)
         block_n = max(_pow2_divisor(n_rows, tuned.block_n), MIN_BLOCK_N)
         block_k = max(_pow2_divisor(n_cols, max(tuned.block_k, fmt.block)), fmt.block)
         split_k = 1
@@ -128,6 +133,7 @@ class BlockSizes:
 
 INT_DOT = True         # the default tiling takes the integer path; `self_test` turns it off
                        # (process-wide) where that path does not compile or run right
+FUSE_X = True          # ... with x quantized inside the kernel; `self_test` likewise
 MIN_BLOCK_N = 8        # smaller row tiles waste most of each load; such N is rejected instead
 MIN_PROGRAMS = 256     # about two programs an SM: below it get_default trades block_k for split_k
 DEFAULT_TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims for with split_k
@@ -209,6 +215,10 @@ class _Format(NamedTuple):
     int_x: the integer path's x arrays (`_x_int`), or None where the type has no such path.
     int_dot: (packed weight tiles, the int_x tiles of every row, interpret) -> one
         `[block_n, blocks]` f32 array per row: each block's share of y (integer dot products).
+    fused_view: x `[M, K / block, block]` (any float dtype) -> the one array the kernel reads
+        when it quantizes x itself (a reshape: no copy), or None where it cannot.
+    fused_x: (that array's ref, row m, first block, blocks) -> the row's int_x tiles, computed
+        in the kernel exactly as `int_x` computes them.
     """
 
     block: int
@@ -219,6 +229,8 @@ class _Format(NamedTuple):
     dot: Callable[[tuple[jax.Array, ...], tuple[jax.Array, ...]], jax.Array]
     int_x: Callable[[jax.Array], tuple[jax.Array, ...]] | None = None
     int_dot: Callable[..., list[jax.Array]] | None = None
+    fused_view: Callable[[jax.Array], jax.Array] | None = None
+    fused_x: Callable[..., tuple[jax.Array, ...]] | None = None
 
 
 def _x_nibble_planes(x):
@@ -498,6 +510,66 @@ def _x_int_nibbles(x):
     return h[..., :4], h[..., 4:], l[..., :4], l[..., 4:], s, sq
 
 
+_ROUND_MAGIC = 12582912.0      # 1.5 * 2^23: v + it holds round-half-even(v) in its low bits
+_ROUND_BITS = 0x4B400000       # the bit pattern of 1.5 * 2^23
+
+
+def _quant_tiles(tiles: tuple[jax.Array, ...]):
+    """`_x_int` inside the kernel: float tiles `[..., words, 4]` whose last two axes together
+    are one 32-value block (all of it, or Q4_0's low and high halves: they share the scale) ->
+    (h words per tile, l words per tile, s, sum(q)), each `[...]` or `[..., words]`.
+
+    Rounds half to even as jnp.round does, through the float adder (|v| <= X_QMAX < 2^22:
+    the bits of v + 1.5 * 2^23 hold the rounded integer), since Triton has no round."""
+    tiles = [t.astype(jnp.float32) for t in tiles]
+    amax = None
+    for t in tiles:
+        a = jnp.max(jnp.max(jnp.abs(t), axis=-1), axis=-1)
+        amax = a if amax is None else jnp.maximum(amax, a)
+    inv = jnp.where(amax > 0, X_QMAX / jnp.where(amax > 0, amax, 1.0), 0.0)
+    hs, ls, sq = [], [], 0
+    for t in tiles:
+        v = t * inv[..., None, None]
+        q = lax.bitcast_convert_type(v + _ROUND_MAGIC, jnp.int32) - _ROUND_BITS
+        q = jnp.minimum(jnp.maximum(q, -X_QMAX), X_QMAX)
+        h = (q + 128) >> 8
+        shift = 8 * _iota(q.shape, q.ndim - 1)
+        hs.append(jnp.sum((h & 0xFF) << shift, axis=-1))
+        ls.append(jnp.sum(((q - (h << 8)) & 0xFF) << shift, axis=-1))
+        sq = sq + jnp.sum(jnp.sum(q, axis=-1), axis=-1)
+    return hs, ls, amax / X_QMAX, sq
+
+
+def _view_q8_0(x):
+    return x.reshape(*x.shape[:2], 8, 4)
+
+
+def _fused_q8_0(ref, m, start, blocks):
+    (h,), (l,), s, sq = _quant_tiles((ref[m, pl.ds(start, blocks)],))
+    return h, l, s, sq
+
+
+def _view_nibbles(x):
+    return x.reshape(*x.shape[:2], 2, 4, 4)    # elements 0..15, 16..31: 4 words of 4
+
+
+def _fused_nibbles(ref, m, start, blocks):
+    rows = pl.ds(start, blocks)
+    (h_lo, h_hi), (l_lo, l_hi), s, sq = _quant_tiles((ref[m, rows, 0], ref[m, rows, 1]))
+    return h_lo, h_hi, l_lo, l_hi, s, sq
+
+
+def _view_k(x):
+    return x.reshape(*x.shape[:2], 4, 2, 8, 4)  # chunk c: sub-blocks 2c, 2c + 1
+
+
+def _fused_k(ref, m, start, blocks):
+    rows = pl.ds(start, blocks)
+    (h_lo,), (l_lo,), s_lo, sq_lo = _quant_tiles((ref[m, rows, :, 0],))
+    (h_hi,), (l_hi,), s_hi, sq_hi = _quant_tiles((ref[m, rows, :, 1],))
+    return h_lo, l_lo, h_hi, l_hi, s_lo, s_hi, sq_lo, sq_hi
+
+
 def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, a_signed: bool) -> jax.Array:
     """c + the dot product of the four bytes of a (signed or not) and of b (signed), in jnp:
     the interpreter's stand-in for the instruction."""
@@ -621,16 +693,16 @@ def _int_dot_q5_k(w, xs, interpret):
 
 _FORMATS: dict[gguf.GGMLQuantizationType, _Format] = {
     T.Q8_0: _Format(32, _split_q8_0, _join_q8_0, _x_q8_0, _unpack_q8_0, _dot_q8_0,
-                     _x_int_q8_0, _int_dot_q8_0),
+                     _x_int_q8_0, _int_dot_q8_0, _view_q8_0, _fused_q8_0),
     T.Q4_0: _Format(32, _split_q4_0, _join_q4_0, _x_word_planes, _unpack_q4_0, _dot_word_planes,
-                     _x_int_nibbles, _int_dot_q4_0),
+                     _x_int_nibbles, _int_dot_q4_0, _view_nibbles, _fused_nibbles),
     T.Q4_1: _Format(32, _split_q4_1, _join_q4_1, _x_q4_1, _unpack_q4_1, _dot_q4_1,
-                     _x_int_nibbles, _int_dot_q4_1),
+                     _x_int_nibbles, _int_dot_q4_1, _view_nibbles, _fused_nibbles),
     T.Q5_0: _Format(32, _split_q5_0, _join_q5_0, _x_nibble_planes, _unpack_q5_0, _dot_planes),
     T.Q4_K: _Format(256, _split_q4_k, _join_q4_k, _x_k_planes, _unpack_q4_k, _dot_k_planes,
-                     _x_int_k, _int_dot_q4_k),
+                     _x_int_k, _int_dot_q4_k, _view_k, _fused_k),
     T.Q5_K: _Format(256, _split_q5_k, _join_q5_k, _x_k_planes, _unpack_q5_k, _dot_k_planes,
-                     _x_int_k, _int_dot_q5_k),
+                     _x_int_k, _int_dot_q5_k, _view_k, _fused_k),
     T.Q6_K: _Format(128, _split_q6_k, _join_q6_k, _x_q6_k, _unpack_q6_k, _dot_q6_k),
 }
 
@@ -758,7 +830,7 @@ def dequantize_packed(packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizatio
 
 def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: int,
                     m_rows: int, stacked: bool, glu: bool = False, int_dot: bool = False,
-                    interpret: bool = False):
+                    fused_x: bool = False, interpret: bool = False):
     """One program: rows [block_n] of the output, over chunks [c0, c0 + n_chunks) of K.
 
     refs: with `stacked`, first a [1] int32 layer index; then the packed weight arrays (tiles
@@ -782,7 +854,10 @@ def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: 
 
     def step(i, acc):
         start = pl.multiple_of((chunk0 + i) * blocks, blocks)
-        xs = [tuple(tile(r, (m,), start) for r in x_refs) for m in range(m_rows)]
+        if fused_x:   # quantize this chunk of every x row here (the integer path's x tiles)
+            xs = [fmt.fused_x(x_refs[0], m, start, blocks) for m in range(m_rows)]
+        else:
+            xs = [tuple(tile(r, (m,), start) for r in x_refs) for m in range(m_rows)]
         new = []
         for j, refs_j in enumerate(sets):
             w = [tile(r, lead, start) for r in refs_j]
@@ -855,11 +930,19 @@ def _takes_int(fmt: _Format, bs: BlockSizes) -> bool:
     return bs.int_dot and fmt.int_x is not None
 
 
-def _x_arrays(x: jax.Array, fmt: _Format, m_padded: int,
-              int_dot: bool = False) -> tuple[jax.Array, ...]:
+def _takes_fused(fmt: _Format, bs: BlockSizes) -> bool:
+    return _takes_int(fmt, bs) and bs.fuse_x and fmt.fused_x is not None
+
+
+def _x_arrays(x: jax.Array, fmt: _Format, m_padded: int, int_dot: bool = False,
+              fused: bool = False) -> tuple[jax.Array, ...]:
     """x [M, K] -> the format's x arrays [Mp, K / block, ...], zero rows up to Mp: f32 planes,
-    or with `int_dot` the integer path's digits and scales."""
+    or with `int_dot` the integer path's digits and scales, or with `fused` x itself in the
+    layout the kernel quantizes it from (a reshape, its dtype kept)."""
     m, k = x.shape
+    if fused:
+        x = jnp.pad(x, ((0, m_padded - m), (0, 0))) if m_padded > m else x
+        return (fmt.fused_view(x.reshape(m_padded, k // fmt.block, fmt.block)),)
     x = jnp.pad(x.astype(jnp.float32), ((0, m_padded - m), (0, 0)))
     x = x.reshape(m_padded, k // fmt.block, fmt.block)
     return fmt.int_x(x) if int_dot else fmt.x_split(x)
@@ -915,7 +998,8 @@ def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Form
     kernel = functools.partial(_qmatvec_kernel, fmt=fmt, n_weights=len(packed),
                                blocks=bs.block_k // fmt.block, n_chunks=p.n_chunks,
                                m_rows=p.m_padded, stacked=stacked, glu=glu,
-                               int_dot=_takes_int(fmt, bs), interpret=interpret)
+                               int_dot=_takes_int(fmt, bs), fused_x=_takes_fused(fmt, bs),
+                               interpret=interpret)
     if out_init is not None:
         kernel = _drop_args(kernel, len(operands) - 1)
     return pl.pallas_call(
@@ -1023,7 +1107,8 @@ def _run(x: jax.Array, packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizati
          interpret: bool, layer, glu: bool = False) -> jax.Array:
     """`_launch` on x [M, K] for plan `p`: [split_k, M, N] (the padding rows dropped)."""
     fmt = _format(qtype)
-    xs = _x_arrays(x, fmt, p.m_padded, _takes_int(fmt, p.block_sizes))
+    xs = _x_arrays(x, fmt, p.m_padded, _takes_int(fmt, p.block_sizes),
+                   _takes_fused(fmt, p.block_sizes))
     out = _launch(xs, tuple(packed), fmt, p, interpret=interpret,
                   layer=_layer_index(layer), glu=glu)
     return out[:, : x.shape[0]]
@@ -1125,14 +1210,32 @@ def self_test(qtype: gguf.GGMLQuantizationType, interpret: bool = False) -> None
     For a caller that wants to fall back to XLA where the kernel cannot run (a GPU or Triton
     version that fails to compile it). Where the integer path (`INT_DOT`) fails but the float
     path passes, it logs a warning and sets `INT_DOT = False` for the process (and clears JAX's
-    caches, so nothing traced with it is reused). Raises whatever compiling or running raises,
-    or NTransformerError when the result is wrong.
+    caches, so nothing traced with it is reused); likewise `FUSE_X = False` where only the
+    in-kernel quantization of x fails. Raises whatever compiling or running raises, or
+    NTransformerError when the result is wrong.
     """
-    global INT_DOT
+    global INT_DOT, FUSE_X
     qtype = T(qtype)
-    if INT_DOT and _format(qtype).int_x is not None:
+    fmt = _format(qtype)
+    if INT_DOT and FUSE_X and fmt.fused_x is not None:
         try:
-            _check_kernel(qtype, interpret, int_dot=True)
+            _check_kernel(qtype, interpret, int_dot=True, fuse_x=True)
+            return
+        except Exception as e:   # noqa: BLE001 -- any failure: try x quantized by the wrapper
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            try:
+                _check_kernel(qtype, interpret, int_dot=True, fuse_x=False)
+            except Exception:   # noqa: BLE001 -- the integer path fails too: try the float path
+                pass
+            else:
+                logging.warning("qmatvec: quantizing x in the kernel fails for %s (%s); the"
+                                " wrapper quantizes it", qtype.name, reason)
+                FUSE_X = False
+                jax.clear_caches()
+                return
+    if INT_DOT and fmt.int_x is not None:
+        try:
+            _check_kernel(qtype, interpret, int_dot=True, fuse_x=False)
             return
         except Exception as e:   # noqa: BLE001 -- any failure: try the float path
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -1145,7 +1248,8 @@ def self_test(qtype: gguf.GGMLQuantizationType, interpret: bool = False) -> None
     _check_kernel(qtype, interpret, int_dot=False)
 
 
-def _check_kernel(qtype: gguf.GGMLQuantizationType, interpret: bool, int_dot: bool) -> None:
+def _check_kernel(qtype: gguf.GGMLQuantizationType, interpret: bool, int_dot: bool,
+                  fuse_x: bool = False) -> None:
     """`self_test` of one path: the plain and the gate/up kernel on a 32 x 512 matrix."""
     n_rows, n_cols = 32, 512
     rng = np.random.default_rng(0)
@@ -1154,19 +1258,22 @@ def _check_kernel(qtype: gguf.GGMLQuantizationType, interpret: bool, int_dot: bo
                    if a.dtype == jnp.float16 else a for a in repack(w, qtype, n_cols))
     packed = _format(qtype).split(_format(qtype).join(*packed))   # finite scales, consistent
     x = rng.standard_normal((1, n_cols)).astype(np.float32)
-    bs = dataclasses.replace(BlockSizes.get_default(qtype, n_rows, n_cols), int_dot=int_dot)
+    bs = dataclasses.replace(BlockSizes.get_default(qtype, n_rows, n_cols), int_dot=int_dot,
+                             fuse_x=fuse_x)
     y = np.asarray(qmatvec_packed(jnp.asarray(x), packed, qtype, n_cols, interpret=interpret,
                                   block_sizes=bs))
     w64 = np.asarray(dequantize_packed(packed, qtype, n_cols), np.float64)
     err = np.max(np.abs(y - x @ w64.T) / np.maximum(np.abs(x) @ np.abs(w64).T, 1e-30))
-    path = "integer" if int_dot else "float"
+    path = ("integer, x quantized in the kernel" if int_dot and fuse_x
+            else "integer" if int_dot else "float")
     if not err <= 1e-4:
         raise NTransformerError(f"qmatvec self-test for {qtype.name} ({path} path): relative"
                                 f" error {err:.3g}")
     # The gate/up form on the same matrix (16 gate rows, 16 up rows).
     y = np.asarray(qmatvec_glu_packed(
         jnp.asarray(x), packed, qtype, n_cols, interpret=interpret,
-        block_sizes=BlockSizes(block_n=8, block_k=_format(qtype).block, int_dot=int_dot)))
+        block_sizes=BlockSizes(block_n=8, block_k=_format(qtype).block, int_dot=int_dot,
+                               fuse_x=fuse_x)))
     g, u = np.split(x @ w64.T, 2, axis=1)
     want = g / (1 + np.exp(-np.clip(g, -80, 80))) * u
     err = np.max(np.abs(y - want)) / max(np.max(np.abs(want)), 1e-30)
