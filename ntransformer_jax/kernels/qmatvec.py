@@ -520,12 +520,15 @@ def _quant_tiles(tiles: tuple[jax.Array, ...]):
     (h words per tile, l words per tile, s, sum(q)), each `[...]` or `[..., words]`.
 
     Rounds half to even as jnp.round does, through the float adder (|v| <= X_QMAX < 2^22:
-    the bits of v + 1.5 * 2^23 hold the rounded integer), since Triton has no round."""
+    the bits of v + 1.5 * 2^23 hold the rounded integer), since Triton has no round. A block
+    holding NaN or inf gets s = NaN, so y is NaN where the float path's would not be finite."""
     tiles = [t.astype(jnp.float32) for t in tiles]
-    amax = None
+    amax = nan = None
     for t in tiles:
         a = jnp.max(jnp.max(jnp.abs(t), axis=-1), axis=-1)
+        z = jnp.sum(jnp.sum(t * 0.0, axis=-1), axis=-1)   # NaN where t holds NaN or inf
         amax = a if amax is None else jnp.maximum(amax, a)
+        nan = z if nan is None else nan + z
     inv = jnp.where(amax > 0, X_QMAX / jnp.where(amax > 0, amax, 1.0), 0.0)
     hs, ls, sq = [], [], 0
     for t in tiles:
@@ -537,7 +540,8 @@ def _quant_tiles(tiles: tuple[jax.Array, ...]):
         hs.append(jnp.sum((h & 0xFF) << shift, axis=-1))
         ls.append(jnp.sum(((q - (h << 8)) & 0xFF) << shift, axis=-1))
         sq = sq + jnp.sum(jnp.sum(q, axis=-1), axis=-1)
-    return hs, ls, amax / X_QMAX, sq
+    # Triton's max drops NaN; the zero sum brings it back into s, and so into y.
+    return hs, ls, amax / X_QMAX + nan, sq
 
 
 def _view_q8_0(x):
