@@ -4,7 +4,7 @@
     python benchmarks/kernels_bench.py --smoke        # CPU: Pallas interpret mode, tiny shapes
 
 For every type in `qmatvec.SUPPORTED_TYPES`, every shape N x K (q/o 8192x8192, k/v 1024x8192,
-gate/up 28672x8192, down 8192x28672) and M = 1, 8 rows of x: random valid weight blocks (random
+gate/up 28672x8192, down 8192x28672, glu: gate and up in one `qmatvec_glu_packed` launch) and M = 1, 8 rows of x: random valid weight blocks (random
 bytes with finite half scale fields, as tests/test_kernels.py's `random_weight` builds K-quants;
 the kernel reads bytes, so quantizing real floats would not change a timing), repacked once;
 `qmatvec_packed` timed for a bounded sweep of BlockSizes, and the XLA baseline
@@ -17,7 +17,7 @@ Sweep, in this order, each step within a share of `--budget_s` (defaults always 
    time, keeping the best); gate/up, M = 8: the three best M = 1 configs, then (`--descend_m8`)
    the same descent from the best of them;
 3. the other shapes: the three best gate/up configs of the same M, and split_k variants of the
-   best. Configs that `qmatvec.plan` rejects are skipped; `--quick` runs step 1 only.
+   best; then the shapes named by `--descend` get their own M = 1 descent from their best. Configs that `qmatvec.plan` rejects are skipped; `--quick` runs step 1 only.
 
 Timing (`ceilings.pipelined_time`): one jitted program runs the kernel on `--unroll` different x
 (so nothing is shared between calls), dispatched back to back and blocked once per sample; the
@@ -57,19 +57,22 @@ HIGHEST = jax.lax.Precision.HIGHEST
 RTOL = 1e-5
 
 # Llama-3-70B matrices, N x K (rows x columns of W): D = 8192, F = 28672, 8 KV heads x 128.
+# "glu": gate and up stacked by rows [G; U] through `qmatvec_glu_packed` (the model's feed-forward
+# launch: silu(x G^T) * (x U^T) in one kernel, split_k 1).
 SHAPES_70B = {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192),
-              "down": (8192, 28672)}
+              "down": (8192, 28672), "glu": (57344, 8192)}
 # Llama-3-8B (--model 8b): D = 4096, F = 14336.
 SHAPES_8B = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096),
-             "down": (4096, 14336), "qkv": (6144, 4096)}
+             "down": (4096, 14336), "qkv": (6144, 4096), "glu": (28672, 4096)}
 SWEEP_SHAPE = "gate/up"
+GLU_SHAPE = "glu"
 M_ROWS = (1, 8)
 AXES = {"int_dot": (True, False), "fuse_x": (True, False), "block_n": (8, 16, 32, 64, 128), "block_k": (256, 512, 1024, 2048),
         "split_k": (1, 2, 4, 8), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5)}
 TOP = 3  # best gate/up configs carried to the other shapes and to M = 8
 
 # --smoke: CPU interpreter, tiny shapes, a two-axis sweep.
-SMOKE_SHAPES = {"big": (64, 512), "small": (32, 256)}
+SMOKE_SHAPES = {"big": (64, 512), "small": (32, 256), "glu": (64, 256)}
 SMOKE_AXES = {"block_n": (8, 16), "split_k": (1, 2)}
 
 # Byte offsets of the little-endian half fields (scales, mins) inside one block, per type
@@ -147,6 +150,7 @@ class Case(ConfigRecords):
                  w_data: jax.Array, packed: tuple[jax.Array, ...], rng: np.random.Generator,
                  unroll: int):
         self.qtype, self.shape_name, self.m_rows = qtype, shape_name, m_rows
+        self.glu = shape_name == GLU_SHAPE
         self.n_rows, self.n_cols = n_rows, n_cols
         self.w_data, self.packed = w_data, packed
         self.xs = [jnp.asarray(rng.standard_normal((m_rows, n_cols), np.float32))
@@ -183,6 +187,10 @@ class Bench:
         try:
             case.ref = jax.block_until_ready(ref_fn(case.xs[0], case.w_data))
             case.scale = jax.block_until_ready(scale_fn(case.xs[0], case.w_data))
+            if case.glu:   # y = silu(g) u: first-order bound |silu'(g)| S_g |u| + |silu(g)| S_u
+                (g, u), (s_g, s_u) = (jnp.split(a, 2, axis=1) for a in (case.ref, case.scale))
+                case.ref = jax.nn.silu(g) * u
+                case.scale = 1.1 * s_g * jnp.abs(u) + jnp.abs(jax.nn.silu(g)) * s_u
             t = pipelined_time(lambda: ref_fn(case.xs[0], case.w_data), self.args.repeats)
         except Exception as err:  # noqa: BLE001 - report and go on with the other cases
             case.xla = dict(error=_one_line(err))
@@ -197,18 +205,22 @@ class Bench:
         if case.tried(bs) or (not bs.int_dot and fmt.int_x is None) or (
                 not bs.fuse_x and not qm._takes_fused(fmt, dataclasses.replace(bs, fuse_x=True))):
             return None   # tried, or a flag that changes nothing for this type (the same kernel)
+        if case.glu and bs.split_k != 1:
+            return None   # the glu kernel needs whole sums
         try:
-            qm.plan(case.qtype, case.m_rows, case.n_rows, case.n_cols, bs)
+            qm.plan(case.qtype, case.m_rows, case.n_rows // 2 if case.glu else case.n_rows,
+                    case.n_cols, bs)
         except InputError:
             return None
         rec: dict[str, Any] = dict(block_sizes=_bs_dict(bs))
         case.configs.append(rec)
         qtype, k, interpret = case.qtype, case.n_cols, self.interpret
 
+        matvec = qm.qmatvec_glu_packed if case.glu else qm.qmatvec_packed
+
         @jax.jit
         def calls(xs, packed):
-            return [qm.qmatvec_packed(x, packed, qtype, k, block_sizes=bs, interpret=interpret)
-                    for x in xs]
+            return [matvec(x, packed, qtype, k, block_sizes=bs, interpret=interpret) for x in xs]
 
         try:
             t0 = time.perf_counter()
@@ -267,11 +279,17 @@ def _carry_over(bench: Bench, case: Case, source: Case | None, deadline: float,
         bench.run(case, bs)
 
 
+def _default(qtype: T, shape_name: str, n: int, k: int) -> qm.BlockSizes:
+    if shape_name == GLU_SHAPE:
+        return qm.glu_block_sizes(qtype, n, k)
+    return qm.BlockSizes.get_default(qtype, n, k)
+
+
 def _case_record(case: Case) -> dict:
     best = case.best()
     default = next((c for c in case.configs
-                    if c["block_sizes"] == _bs_dict(qm.BlockSizes.get_default(
-                        case.qtype, case.n_rows, case.n_cols))), None)
+                    if c["block_sizes"] == _bs_dict(_default(case.qtype, case.shape_name,
+                                                             case.n_rows, case.n_cols))), None)
     return dict(type=case.qtype.name, shape=case.shape_name, n=case.n_rows, k=case.n_cols,
                 m=case.m_rows, weight_bytes=case.weight_bytes, gguf_bytes=int(case.w_data.nbytes),
                 best=best, default=default, xla=case.xla, configs=case.configs)
@@ -314,6 +332,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    + " (default: all; the sweep shape gate/up is always kept)")
     p.add_argument("--model", choices=("70b", "8b"), default="70b",
                    help="matrix shapes of Llama-3 70B (default) or 8B")
+    p.add_argument("--descend", default=SWEEP_SHAPE,
+                   help="comma-separated shapes that get their own M = 1 coordinate descent, after"
+                   " the carry-over (default: gate/up only)")
     p.add_argument("--descend_m8", action="store_true",
                    help="also run the coordinate descent at M = 8 (default: carry-over only)")
     p.add_argument("--no_fuse_x", action="store_true",
@@ -347,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--shapes: {unknown[0]!r} is not one of {', '.join(model_shapes)}")
         shapes = {n: v for n, v in model_shapes.items() if n in names or n == SWEEP_SHAPE}
     sweep_shape = next(iter(shapes)) if args.smoke else SWEEP_SHAPE
+    descend = [n.strip() for n in args.descend.split(",")]
+    unknown = [n for n in descend if n not in model_shapes and not args.smoke]
+    if unknown:
+        raise SystemExit(f"--descend: {unknown[0]!r} is not one of {', '.join(model_shapes)}")
     dev = jax.devices()[0]
     ceiling = hbm_read_gbps(64 << 20 if args.smoke else 4 << 30)
     res: dict[str, Any] = dict(date=time.strftime("%Y-%m-%d %H:%M"), jax=jax.__version__,
@@ -367,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 w_host = random_weight(rng, qtype, n, k)
                 w_data = jax.device_put(w_host)
                 packed = jax.block_until_ready(qm.repack(w_data, qtype, k))
-                default = qm.BlockSizes.get_default(qtype, n, k)
+                default = _default(qtype, shape_name, n, k)
             except Exception as err:  # noqa: BLE001 - one type must not end the run
                 msg = f"!!! {qtype.name} {n}x{k}: cannot build the weight: {_one_line(err)}"
                 bench.failures.append(msg)
@@ -402,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
                     case = cases.get((qtype, shape_name, m))
                     if shape_name != sweep_shape and case is not None:
                         _carry_over(bench, case, big[m], deadline, split_variants=True)
+            own = [n for n in descend if n in shapes and n != sweep_shape]
+            for j, shape_name in enumerate(own):   # equal shares of what is left
+                case = cases.get((qtype, shape_name, M_ROWS[0]))
+                if case is not None:
+                    now = time.perf_counter()
+                    _descend(bench, case, axes, now + max(0.0, deadline - now) / (len(own) - j))
             print(f"{qtype.name}: sweep done ({time.perf_counter() - t_start:.0f} s, "
                   f"{bench.n_timed} configs timed)", flush=True)
 
