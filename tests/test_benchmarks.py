@@ -42,16 +42,17 @@ def test_kernels_bench_smoke(tmp_path):
     assert all(len(r["configs"]) > 1 for r in swept), "the sweep tried no other config"
 
 
-@pytest.mark.parametrize("bench, module, name", [(kernels_bench, qm, "qmatvec_packed"),
-                                                 (qmatmul_bench, qmm, "qmatmul_packed")])
-def test_bench_flags_wrong_results(bench, module, name, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bench, module, names", [
+    (kernels_bench, qm, ("qmatvec_packed", "qmatvec_glu_packed")),
+    (qmatmul_bench, qmm, ("qmatmul_packed",))])
+def test_bench_flags_wrong_results(bench, module, names, tmp_path, monkeypatch, capsys):
     """A kernel whose output is off makes the bench fail loudly, and is never anyone's best."""
-    real = getattr(module, name)
+    def off_by_one(real):
+        return lambda x, packed, qtype, n_cols, **kwargs: real(x, packed, qtype, n_cols,
+                                                              **kwargs) + 1.0
 
-    def off_by_one(x, packed, qtype, n_cols, **kwargs):
-        return real(x, packed, qtype, n_cols, **kwargs) + 1.0
-
-    monkeypatch.setattr(module, name, off_by_one)
+    for name in names:
+        monkeypatch.setattr(module, name, off_by_one(getattr(module, name)))
     out = tmp_path / "bench.json"
     assert bench.main(["--smoke", "--quick", "--types", "Q8_0", "--out", str(out)]) == 1
     res = json.loads(out.read_text())
