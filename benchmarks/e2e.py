@@ -39,6 +39,7 @@ flags.DEFINE_list("prefill_kernel", ["off"], "model.PREFILL_KERNEL for each run 
                   "matmuls by the qmatmul kernel; off: XLA); several values run one after the other.")
 flags.DEFINE_list("fuse_x", ["on"], "qmatvec.FUSE_X for each run (on: the decode kernels quantize x "
                   "themselves; off: XLA quantizes it before each launch).")
+flags.DEFINE_list("norm_warps", ["0"], "norm.NUM_WARPS for each run (0: the kernel's default).")
 flags.DEFINE_integer("scan_unroll", 0, "Set model.SCAN_UNROLL (0: keep the default; -1: full unroll).")
 flags.DEFINE_string("out", None, "Folder for e2e.json.")
 FLAGS = flags.FLAGS
@@ -51,8 +52,8 @@ def main(argv):
         from ntransformer_jax import model
         model.SCAN_UNROLL = True if FLAGS.scan_unroll < 0 else FLAGS.scan_unroll
     hbm = hbm_read_gbps() if jax.default_backend() == "gpu" else None
-    runs = [run(path, mode, hbm, pk == "on", fx == "on") for mode in FLAGS.kernels
-            for pk in FLAGS.prefill_kernel for fx in FLAGS.fuse_x]
+    runs = [run(path, mode, hbm, pk == "on", fx == "on", int(nw)) for mode in FLAGS.kernels
+            for pk in FLAGS.prefill_kernel for fx in FLAGS.fuse_x for nw in FLAGS.norm_warps]
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
         name = os.path.splitext(os.path.basename(path))[0]
@@ -62,16 +63,17 @@ def main(argv):
     for res in runs:
         print(f"\n{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']} "
               f"matmul={res['matmul']} prefill_kernel={res['prefill_kernel']} "
-              f"fuse_x={res['fuse_x']} unroll={res['scan_unroll']} load {res['load_s']:.0f}s: "
+              f"fuse_x={res['fuse_x']} norm_warps={res['norm_warps']} unroll={res['scan_unroll']} load {res['load_s']:.0f}s: "
               f"pp{FLAGS.pp} {res['pp_tok_per_s']['median']:.1f} tok/s, tg{FLAGS.tg} "
               f"{res['tg_tok_per_s']['median']:.1f} tok/s (roofline {res.get('tg_roofline')}, "
               f"HBM {hbm} GB/s)")
 
 
 def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
-        fuse_x: bool = True) -> dict:
+        fuse_x: bool = True, norm_warps: int = 0) -> dict:
     from ntransformer_jax import model
-    from ntransformer_jax.kernels import qmatvec
+    from ntransformer_jax.kernels import norm, qmatvec
+    norm.NUM_WARPS = norm_warps or None
     model.PREFILL_KERNEL = prefill_kernel
     qmatvec.FUSE_X = fuse_x
     jax.clear_caches()          # traced steps read it: retrace
@@ -86,6 +88,7 @@ def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
     res["scan_unroll"] = FLAGS.scan_unroll
     res["prefill_kernel"] = prefill_kernel
     res["fuse_x"] = qmatvec.FUSE_X   # as the load's self-test left it
+    res["norm_warps"] = norm_warps or "default"
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, min(eng.config.n_vocab, 30000), FLAGS.pp).tolist()

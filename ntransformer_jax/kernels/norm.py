@@ -25,6 +25,7 @@ from ntransformer_jax.errors import InputError
 from ntransformer_jax.kernels import qmatvec as qm
 
 MAX_ROWS = 8
+NUM_WARPS: int | None = None   # warps of the one program per row; None: 4 up to D = 4096, else 8
 
 
 def supports(n_rows: int, width: int) -> bool:
@@ -120,7 +121,8 @@ def add_rms_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: 
         grid=(m,),
         in_specs=in_specs,
         out_specs=(row,) * n_out,
-        compiler_params=plgpu.CompilerParams(num_warps=4 if d <= 4096 else 8, num_stages=1),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=NUM_WARPS or (4 if d <= 4096 else 8), num_stages=1),
         interpret=interpret,
         name="add_rms_norm",
     )(*operands)
