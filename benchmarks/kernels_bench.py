@@ -279,17 +279,18 @@ def _carry_over(bench: Bench, case: Case, source: Case | None, deadline: float,
         bench.run(case, bs)
 
 
-def _default(qtype: T, shape_name: str, n: int, k: int) -> qm.BlockSizes:
+def _default(qtype: T, shape_name: str, n: int, k: int, m: int) -> qm.BlockSizes:
     if shape_name == GLU_SHAPE:
-        return qm.glu_block_sizes(qtype, n, k)
-    return qm.BlockSizes.get_default(qtype, n, k)
+        return qm.glu_block_sizes(qtype, n, k, m)
+    return qm.BlockSizes.get_default(qtype, n, k, m)
 
 
 def _case_record(case: Case) -> dict:
     best = case.best()
     default = next((c for c in case.configs
                     if c["block_sizes"] == _bs_dict(_default(case.qtype, case.shape_name,
-                                                             case.n_rows, case.n_cols))), None)
+                                                             case.n_rows, case.n_cols,
+                                                             case.m_rows))), None)
     return dict(type=case.qtype.name, shape=case.shape_name, n=case.n_rows, k=case.n_cols,
                 m=case.m_rows, weight_bytes=case.weight_bytes, gguf_bytes=int(case.w_data.nbytes),
                 best=best, default=default, xla=case.xla, configs=case.configs)
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 w_host = random_weight(rng, qtype, n, k)
                 w_data = jax.device_put(w_host)
                 packed = jax.block_until_ready(qm.repack(w_data, qtype, k))
-                default = _default(qtype, shape_name, n, k)
+                defaults = {m: _default(qtype, shape_name, n, k, m) for m in M_ROWS}
             except Exception as err:  # noqa: BLE001 - one type must not end the run
                 msg = f"!!! {qtype.name} {n}x{k}: cannot build the weight: {_one_line(err)}"
                 bench.failures.append(msg)
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in M_ROWS:
                 case = Case(qtype, shape_name, n, k, m, w_data, packed, rng, args.unroll)
                 bench.reference(case)
-                bench.run(case, default)
+                bench.run(case, defaults[m])
                 cases[qtype, shape_name, m] = case
             print(f"{qtype.name} {n}x{k}: defaults done ({time.perf_counter() - t_start:.0f} s)",
                   flush=True)

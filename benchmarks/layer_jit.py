@@ -9,7 +9,8 @@ with the per-tensor types llama.cpp gives layer `--layer` of such a file (`synth
 `--pure` for the base type everywhere). Then, with an f32 KV cache of `--ctx` positions:
 - decode: 1 token at position ctx - 1 (attention reads the whole cache);
 - prefill: `--prefill` tokens from position 0.
-Each is `model.block` exactly as the engine calls it (cache donated and passed back), timed by
+Each is `model.block` exactly as the engine calls it (cache donated and passed back, the block's
+input norm done before it and the next layer's norm at its end), timed by
 `ceilings.pipelined_time`: calls dispatched back to back, median over `--repeats` samples. Decode
 bytes = weights + the KV cache it reads; GB/s and % of the HBM read ceiling measured in the same
 run. `host_us` is the host's time to dispatch one call: when it is close to the call time, the
@@ -88,9 +89,12 @@ def time_block(cfg: LlamaConfig, w: M.LayerWeights, x: jax.Array, pos: int, ctx:
     """(seconds per `model.block` call, host seconds to dispatch one), the cache passed along."""
     state = {"cache": M.init_kv_cache(cfg, x.shape[0], ctx)}
     pos = jnp.asarray(pos, jnp.int32)
+    # The block gets x with its norm applied and ends with the next layer's norm (its own
+    # attention norm stands in), as the engine runs it.
+    h = M.first_norm_jit(x, w.attn_norm, cfg.rms_eps, w.attn_output.kernel)
 
     def step():
-        y, state["cache"] = M.block(cfg, w, x, state["cache"], pos, inv_freq)
+        y, _, state["cache"] = M.block(cfg, w, x, h, state["cache"], pos, inv_freq, w.attn_norm)
         return y
 
     jax.block_until_ready(step())   # compile

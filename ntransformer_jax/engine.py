@@ -318,6 +318,13 @@ class Engine:
             output=output,
             rope_inv_freq=jax.device_put(M.rope_inv_freq(cfg, factors), self.device),
         )
+        # Every layer's attention norm, then the output norm: entry i + 1 is the norm that layer
+        # i's block applies to its output (`model.block_step`), wherever layer i + 1 is placed.
+        self.norms = [self._vector(f.layer_tensor(i, "attn_norm")) for i in range(cfg.n_layers)]
+        self.norms.append(self.globals.output_norm)
+        out = f.layer_tensor(0, "attn_output")
+        # The first layer's norm runs before its block, with the kernel its block's norms take.
+        self._first_kernel = M.packed_kernel(out.qtype, out.shape[0], out.shape[-1], self.kernels)
         if self.device.platform != "cpu":
             jax.block_until_ready(self.globals)
             for name in ("token_embd.weight", "output.weight"):
@@ -446,6 +453,9 @@ class Engine:
                 i += n
         self.segments = tuple(segments)
         self.segment_sizes = tuple(sizes)
+        starts = np.cumsum((0, *sizes)).tolist()
+        self.next_norms = tuple(jnp.stack(self.norms[a + 1:a + n + 1])
+                                for a, n in zip(starts, sizes))
 
     def _new_caches(self, batch: int = 1):
         cfg = self.config
@@ -565,30 +575,36 @@ class Engine:
         placement.
         """
         if not self.layered and (chunk.size <= qmatvec.MAX_ROWS or not LAYERWISE_PREFILL):
-            logits, self._caches = M.prefill(self.config, self.segments, self.globals, self._caches,
-                                             chunk, jnp.int32(pos), jnp.asarray(idx + 1),
-                                             all_logits=all_logits)
+            logits, self._caches = M.prefill(self.config, self.segments, self.next_norms,
+                                             self.globals, self._caches, chunk, jnp.int32(pos),
+                                             jnp.asarray(idx + 1), all_logits=all_logits)
             return logits
         x = M.embed_jit(self.globals.token_embd, chunk)
-        x = self._run_layered(x, pos) if self.layered else self._run_resident_layers(x, pos)
+        h = self._run_layered(x, pos) if self.layered else self._run_resident_layers(x, pos)
         if not all_logits:
-            x = x[jnp.arange(x.shape[0]), jnp.asarray(idx)]
-        return M.head_jit(self.globals.output_norm, self.globals.output, x, self.config.rms_eps)
+            h = h[jnp.arange(h.shape[0]), jnp.asarray(idx)]
+        return M.head_jit(self.globals.output, h)
+
+    def _first_norm(self, x: jax.Array) -> jax.Array:
+        return M.first_norm_jit(x, self.norms[0], self.config.rms_eps, self._first_kernel)
 
     def _run_layered(self, x: jax.Array, pos) -> jax.Array:
         """Every layer through the jitted per-layer block; streamed layers come from the
-        scheduler, which keeps the next `prefetch_depth` of them in flight."""
+        scheduler, which keeps the next `prefetch_depth` of them in flight. Returns the output
+        norm of the last layer's x (the head's input)."""
         p = jnp.asarray(pos, jnp.int32)
         inv_freq = self.globals.rope_inv_freq
+        h = self._first_norm(x)
         for i in range(self.config.n_layers):
             streamed = i not in self.resident
             w = self.streamer.take(i) if streamed else self.resident[i]
             # Issue upcoming copies before this layer's compute, so they run beside it.
             self.streamer.prefetch_from(i + 1)
-            x, self._caches[i] = M.block(self.config, w, x, self._caches[i], p, inv_freq)
+            x, h, self._caches[i] = M.block(self.config, w, x, h, self._caches[i], p, inv_freq,
+                                            self.norms[i + 1])
             if streamed:
                 self.streamer.computed(x)
-        return x
+        return h
 
     def _run_resident_layers(self, x: jax.Array, pos) -> jax.Array:
         """Every resident layer through the jitted per-layer block, as `_run_layered` does: layer
@@ -602,28 +618,29 @@ class Engine:
             self._layer_ids = [jnp.int32(j) for j in range(max(self.segment_sizes))]
         ids = self._layer_ids
         caches = list(self._caches)
+        h, i = self._first_norm(x), 0
         for s, (seg, n) in enumerate(zip(self.segments, self.segment_sizes)):
             w, cache = _stack_entry((seg, caches[s]), ids[0])
             for j in range(n):
-                x, cache = M.block(self.config, w, x, cache, p, inv_freq)
+                i += 1
+                x, h, cache = M.block(self.config, w, x, h, cache, p, inv_freq, self.norms[i])
                 if j + 1 < n:
                     caches[s], (w, cache) = _put_and_take(caches[s], cache, ids[j], seg, ids[j + 1])
                 else:
                     caches[s] = _set_stack_entry(caches[s], cache, ids[j])
         self._caches = tuple(caches)
-        return x
+        return h
 
     def _decode(self, params: SamplingParams, token: jax.Array, pos, key: jax.Array,
                 recent: jax.Array):
         """One decode step for every row: (next tokens [B], key, recent). pos: int or [B]."""
         if not self.layered:
             nxt, self._caches, key, recent = M.decode_step(
-                self.config, params, self.segments, self.globals, self._caches, token,
+                self.config, params, self.segments, self.next_norms, self.globals, self._caches, token,
                 np.asarray(pos, np.int32), key, recent)   # numpy: no dispatch of its own
             return nxt, key, recent
-        x = self._run_layered(M.embed_jit(self.globals.token_embd, token[:, None]), pos)
-        return M.head_sample(self.config.rms_eps, params, self.globals.output_norm,
-                             self.globals.output, x[:, 0], key, token, recent)
+        h = self._run_layered(M.embed_jit(self.globals.token_embd, token[:, None]), pos)
+        return M.head_sample(params, self.globals.output, h[:, 0], key, token, recent)
 
     def logits_layerwise(self, ids: Sequence[int]) -> np.ndarray:
         """Like `logits`, but dispatching the jitted per-layer `block` once per layer (the path a
@@ -631,12 +648,13 @@ class Engine:
         arr = self._check_ids(ids)
         x = M.embed(self.globals.token_embd, jnp.asarray(arr)[None])
         cfg = self.config
+        h = self._first_norm(x)
         for i in range(cfg.n_layers):
             cache = M.KVCache(*(jnp.zeros((1, len(arr), cfg.n_kv_head, cfg.head_dim), jnp.float32)
                                 for _ in range(2)))
-            x, _ = M.block(cfg, self.layer_weights(i), x, cache, jnp.int32(0), self.globals.rope_inv_freq)
-        out = M.head(self.globals.output_norm, self.globals.output, x, cfg.rms_eps)
-        return np.asarray(out[0], dtype=np.float32)
+            x, h, _ = M.block(cfg, self.layer_weights(i), x, h, cache, jnp.int32(0),
+                              self.globals.rope_inv_freq, self.norms[i + 1])
+        return np.asarray(M.head(self.globals.output, h)[0], dtype=np.float32)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits for every position of `ids` from a fresh context: float32 [len(ids), n_vocab]."""

@@ -124,7 +124,7 @@ def pack(w: QTensor, kernel: str, matmul: str = "f32") -> QTensor:
     the CPU backend, so a model can be repacked while it is read and before it is placed.
     `matmul` is set either way (see `QTensor`).
     """
-    if kernel == "off" or w.kernel or not qmatvec.supports(w.qtype, w.shape[0], w.n_cols):
+    if w.kernel or not packed_kernel(w.qtype, *w.shape, kernel):
         return QTensor(w.data, w.qtype, w.n_cols, w.kernel, matmul)
     if isinstance(w.data, np.ndarray):
         with jax.default_device(jax.devices("cpu")[0]):
@@ -132,6 +132,12 @@ def pack(w: QTensor, kernel: str, matmul: str = "f32") -> QTensor:
     else:
         packed = _repack_jit(w.data, w.qtype, w.n_cols)
     return QTensor(packed, w.qtype, w.n_cols, kernel, matmul)
+
+
+def packed_kernel(qtype: gguf.GGMLQuantizationType, rows: int, cols: int, kernel: str) -> str | None:
+    """The `kernel` that `pack` gives a file matrix of this type and shape: `kernel` itself
+    ("pallas" or "interpret") where the decode kernel takes it, else None."""
+    return None if kernel == "off" or not qmatvec.supports(qtype, rows, cols) else kernel
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -394,20 +400,38 @@ def attention(q: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
 def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, pos: jax.Array,
              inv_freq: jax.Array, layer: jax.Array | None = None,
              norms_stacked: bool = False) -> tuple[jax.Array, KVCache]:
-    """One transformer block (un-jitted; see `block` and `forward_layers`).
+    """One transformer block on its own (un-jitted): `block_step` from the residual stream x
+    [B, T, D] with this layer's attention norm applied first and no norm after. Returns
+    (x [B, T, D], updated cache)."""
+    kernel = w.attn_output.kernel
+    h = add_norm(x, None, w.attn_norm, cfg.rms_eps, kernel, layer if norms_stacked else None)
+    x, _, cache = block_step(cfg, w, x, h, cache, pos, inv_freq, None, layer, norms_stacked)
+    return x, cache
+
+
+def block_step(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, h: jax.Array, cache: KVCache,
+               pos: jax.Array, inv_freq: jax.Array, next_norm: jax.Array | None,
+               layer: jax.Array | None = None,
+               norms_stacked: bool = False) -> tuple[jax.Array, jax.Array | None, KVCache]:
+    """One transformer block (un-jitted; see `block` and `forward_layers`), fused with the norm
+    that follows it: the block's last residual add and the next norm are one launch, so each
+    layer costs two norm launches, not three.
 
     Args:
       cfg: static model config.
-      w: this layer's weights.
+      w: this layer's weights (`w.attn_norm` is not read: h already has it applied).
       x: [B, T, D] residual stream for T new tokens at positions pos .. pos+T-1.
+      h: [B, T, D] this layer's attention norm of x.
       cache: this layer's KV cache [B, S, K, H], or, when `layer` is given, a stack of caches
         [L, B, S, K, H] of which entry `layer` is this layer's.
       pos: int32 scalar or [B], the position of the first new token.
       inv_freq: [n_rot // 2] RoPE frequencies.
+      next_norm: [D] the weight of the norm after this block (the next layer's attention norm,
+        or the output norm after the last layer), [L, D] stacked with `norms_stacked`; or None.
       layer: index into a stacked cache, or None.
       norms_stacked: the norm weights are the stacked [L, D] arrays, entry `layer` this layer's.
     Returns:
-      (x [B, T, D], updated cache).
+      (x [B, T, D], next_norm applied to x (None without it), updated cache).
     """
     b, t, _ = x.shape
     pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (b,))
@@ -416,8 +440,7 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
     kernel = w.attn_output.kernel   # norms and attention take kernels where the matrices do
     norm_layer = layer if norms_stacked else None
 
-    # Attention: norm, project, rotate, write the cache, attend, project back.
-    h = add_norm(x, None, w.attn_norm, cfg.rms_eps, kernel, norm_layer)
+    # Attention: project, rotate, write the cache, attend, project back.
     if _fused_attention(cfg, w, h):
         # Kernels only: the q/k/v partial sums go straight to one kernel that adds them, rotates
         # q and k and writes the cache in place, then one kernel attends over the cache in place.
@@ -471,8 +494,11 @@ def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, po
         else:
             gate, up = linear(h, w.ffn_gate), linear(h, w.ffn_up)
         ff = jax.nn.silu(gate) * up
-    x = add_residual(x, linear_parts(ff, w.ffn_down), kernel)
-    return x, cache
+    down = linear_parts(ff, w.ffn_down)
+    if next_norm is None:
+        return add_residual(x, down, kernel), None, cache
+    x, h = add_norm(x, down, next_norm, cfg.rms_eps, kernel, norm_layer)
+    return x, h, cache
 
 
 def _fused_attention(cfg: LlamaConfig, w: LayerWeights, h: jax.Array) -> bool:
@@ -486,9 +512,24 @@ def _fused_attention(cfg: LlamaConfig, w: LayerWeights, h: jax.Array) -> bool:
 
 
 # One layer, jitted once per weight-type signature: the streaming path calls it per layer with
-# whatever arrays the scheduler hands it.
-block = jax.jit(block_fn, static_argnames=("cfg",), donate_argnames=("cache",))
+# whatever arrays the scheduler hands it, (x, h) carried from one call to the next.
+block = jax.jit(block_step, static_argnames=("cfg",), donate_argnames=("cache",))
 
+
+def first_norm(x: jax.Array, weight: jax.Array, eps: float, kernel: str | None,
+               layer: jax.Array | None = None) -> jax.Array:
+    """The first layer's attention norm of x [B, T, D], the launch `block_step` takes over from
+    then on; `kernel` is the first layer's (its `attn_output.kernel`)."""
+    return add_norm(x, None, weight, eps, kernel or None, layer)
+
+
+first_norm_jit = jax.jit(first_norm, static_argnames=("eps", "kernel"))
+
+
+# The resident loop fuses each block's last residual add with the next norm (`block_step`);
+# False: a separate norm launch after the add, as before (benchmarks/e2e.py --fuse_norm
+# measures both; read when a step is first traced; the layered path always fuses).
+FUSE_NORM = True
 
 # Layers per iteration of the resident scan (True: the whole segment as straight-line code).
 # Read when a step is first traced; benchmarks/e2e.py --scan_unroll sets it.
@@ -496,19 +537,30 @@ SCAN_UNROLL: int | bool = 1
 
 
 def forward_layers(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], caches: tuple[KVCache, ...],
-                   x: jax.Array, pos: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
+                   next_norms: tuple[jax.Array, ...], x: jax.Array, pos: jax.Array,
+                   inv_freq: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """All resident layers: each segment holds consecutive layers of one weight signature, stacked
-    on a leading axis, and runs as one `lax.scan`; its cache is stacked the same way [L, B, S, K, H]."""
+    on a leading axis, and runs as one `lax.scan`; its cache is stacked the same way [L, B, S, K, H],
+    and `next_norms` holds, per segment, the [L, D] weights of the norm after each of its layers.
+
+    Returns (the output norm of the last layer's x [B, T, D], caches): the head's input.
+    """
     new_caches = []
-    for seg, cache in zip(segments, caches):
-        def body(i, carry, seg=seg):
-            x, cache = carry
+    h = first_norm(x, segments[0].attn_norm, cfg.rms_eps, segments[0].attn_output.kernel,
+                   jnp.int32(0))
+    for seg, cache, nn in zip(segments, caches, next_norms):
+        def body(i, carry, seg=seg, nn=nn):
+            x, h, cache = carry
             w = LayerWeights(*(v.entry(i) if isinstance(v, QTensor) else v for v in seg))
-            return block_fn(cfg, w, x, cache, pos, inv_freq, layer=i, norms_stacked=True)
+            if FUSE_NORM:
+                return block_step(cfg, w, x, h, cache, pos, inv_freq, nn, layer=i, norms_stacked=True)
+            x, _, cache = block_step(cfg, w, x, h, cache, pos, inv_freq, None, layer=i,
+                                     norms_stacked=True)
+            return x, first_norm(x, nn, cfg.rms_eps, w.attn_output.kernel, i), cache
         # The layer index is the loop's own counter (no array of indices to slice per layer).
-        x, cache = jax.lax.fori_loop(0, cache.k.shape[0], body, (x, cache), unroll=SCAN_UNROLL)
+        x, h, cache = jax.lax.fori_loop(0, cache.k.shape[0], body, (x, h, cache), unroll=SCAN_UNROLL)
         new_caches.append(cache)
-    return x, tuple(new_caches)
+    return h, tuple(new_caches)
 
 
 def embed(token_embd: QTensor, ids: jax.Array) -> jax.Array:
@@ -517,37 +569,37 @@ def embed(token_embd: QTensor, ids: jax.Array) -> jax.Array:
     return rows.dequantize().reshape(*ids.shape, token_embd.n_cols)
 
 
-def head(output_norm: jax.Array, output: QTensor, x: jax.Array, eps: float) -> jax.Array:
-    """x [B, T, D] (or [B, D]) -> logits [B, T, V] float32. With a packed output matrix and
-    decode-sized x the norm is `norm.add_rms_norm`'s, as in the blocks."""
-    d = x.shape[-1]
-    h = add_norm(x.reshape(1, -1, d), None, output_norm, eps, output.kernel or None)
-    return linear(h.reshape(x.shape), output)
+def head(output: QTensor, h: jax.Array) -> jax.Array:
+    """The output norm of the last layer's x, h [B, T, D] (or [B, D]) -> logits [B, T, V] float32
+    (the norm is the last block's: see `block_step`)."""
+    return linear(h, output)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "all_logits"), donate_argnames=("caches",))
-def prefill(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], g: GlobalWeights,
-            caches: tuple[KVCache, ...], ids: jax.Array, pos: jax.Array, n_real: jax.Array,
-            all_logits: bool) -> tuple[jax.Array, tuple[KVCache, ...]]:
+def prefill(cfg: LlamaConfig, segments: tuple[LayerWeights, ...], next_norms: tuple[jax.Array, ...],
+            g: GlobalWeights, caches: tuple[KVCache, ...], ids: jax.Array, pos: jax.Array,
+            n_real: jax.Array, all_logits: bool) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """Run ids [B, T] (row b: the first `n_real[b]` real, the rest padding) from position `pos`.
 
     Returns logits [B, T, V] when `all_logits`, else [B, V] at each row's last real position.
+    `next_norms`: as `forward_layers` takes them.
     """
     x = embed(g.token_embd, ids)
-    x, caches = forward_layers(cfg, segments, caches, x, pos, g.rope_inv_freq)
+    h, caches = forward_layers(cfg, segments, caches, next_norms, x, pos, g.rope_inv_freq)
     if not all_logits:
-        last = jnp.broadcast_to(jnp.asarray(n_real, jnp.int32), (x.shape[0],)) - 1   # [B]
-        x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    return head(g.output_norm, g.output, x, cfg.rms_eps), caches
+        last = jnp.broadcast_to(jnp.asarray(n_real, jnp.int32), (h.shape[0],)) - 1   # [B]
+        h = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    return head(g.output, h), caches
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "params"), donate_argnames=("caches", "recent"))
-def decode_step(cfg: LlamaConfig, params: SamplingParams, segments: tuple[LayerWeights, ...], g: GlobalWeights,
-                caches: tuple[KVCache, ...], token: jax.Array, pos: jax.Array, key: jax.Array,
-                recent: jax.Array):
+def decode_step(cfg: LlamaConfig, params: SamplingParams, segments: tuple[LayerWeights, ...],
+                next_norms: tuple[jax.Array, ...], g: GlobalWeights, caches: tuple[KVCache, ...],
+                token: jax.Array, pos: jax.Array, key: jax.Array, recent: jax.Array):
     """One token for every sequence, sampling included, in one dispatch.
 
     Args:
+      next_norms: as `forward_layers` takes them.
       token: [B] int32 the last token of each sequence, at position `pos` ([B] or scalar).
       key: PRNG key, split here.
       recent: [B, W] recent tokens for the repetition penalty; `token` is appended.
@@ -555,24 +607,25 @@ def decode_step(cfg: LlamaConfig, params: SamplingParams, segments: tuple[LayerW
       (next tokens [B], caches, key, recent).
     """
     x = embed(g.token_embd, token[:, None])
-    x, caches = forward_layers(cfg, segments, caches, x, pos, g.rope_inv_freq)
-    nxt, key, recent = sample_next(cfg.rms_eps, params, g.output_norm, g.output, x[:, 0], key, token, recent)
+    h, caches = forward_layers(cfg, segments, caches, next_norms, x, pos, g.rope_inv_freq)
+    nxt, key, recent = sample_next(params, g.output, h[:, 0], key, token, recent)
     return nxt, caches, key, recent
 
 
-def sample_next(eps: float, params: SamplingParams, output_norm: jax.Array, output: QTensor,
-                x: jax.Array, key: jax.Array, token: jax.Array, recent: jax.Array):
-    """The head on x [B, D], `token` [B] appended to the repetition window, the next token drawn.
+def sample_next(params: SamplingParams, output: QTensor, h: jax.Array, key: jax.Array,
+                token: jax.Array, recent: jax.Array):
+    """The head on h [B, D] (the last layer's output norm), `token` [B] appended to the
+    repetition window, the next token drawn.
 
     Returns (next tokens [B], key, recent).
     """
-    logits = head(output_norm, output, x, eps)
+    logits = head(output, h)
     recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
     key, sub = jax.random.split(key)
     return sample(logits, recent, sub, params), key, recent
 
 
 embed_jit = jax.jit(embed)
-head_jit = jax.jit(head, static_argnames=("eps",))
+head_jit = jax.jit(head)
 # The layered path's decode tail (the resident path has it inside `decode_step`).
-head_sample = jax.jit(sample_next, static_argnames=("eps", "params"), donate_argnames=("recent",))
+head_sample = jax.jit(sample_next, static_argnames=("params",), donate_argnames=("recent",))

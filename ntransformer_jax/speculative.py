@@ -89,11 +89,17 @@ class ResidentLayersDraft:
         M, g, cfg = self._M, self.target.globals, self.config
         x = M.embed_jit(g.token_embd, jnp.asarray(np.atleast_2d(ids), jnp.int32))
         p = jnp.int32(pos)
-        for i in self.layers:
-            x, self._caches[i] = M.block(cfg, self.target.resident[i], x, self._caches[i], p, g.rope_inv_freq)
+        norms = self.target.norms
+        h = M.first_norm_jit(x, norms[self.layers[0]], cfg.rms_eps,
+                             self.target.resident[self.layers[0]].attn_output.kernel)
+        # Each block ends with the norm of the next layer of the draft (the output norm last).
+        nxt = [norms[i] for i in self.layers[1:]] + [g.output_norm]
+        for i, next_norm in zip(self.layers, nxt):
+            x, h, self._caches[i] = M.block(cfg, self.target.resident[i], x, h, self._caches[i], p,
+                                            g.rope_inv_freq, next_norm)
         if not all_logits:
-            x = x[:, -1]
-        return M.head_jit(g.output_norm, g.output, x, cfg.rms_eps)
+            h = h[:, -1]
+        return M.head_jit(g.output, h)
 
 
 def check_compatible(target: "Engine", draft: "Engine") -> None:

@@ -455,3 +455,40 @@ def test_glu_tiling_and_bad_inputs():
     with pytest.raises(InputError, match="multiple of block_n"):
         qm.qmatvec_glu_packed(x, odd, T.Q8_0, 256, interpret=True,
                               block_sizes=qm.BlockSizes(block_n=16, block_k=256))
+
+
+def _shape_tuned_params():
+    for (qtype, n_rows, n_cols, glu), bs in qm.SHAPE_TUNED.items():
+        yield pytest.param(qtype, n_rows, n_cols, glu, bs,
+                           id=f"{qtype.name}-{n_rows}x{n_cols}" + ("-glu" if glu else ""))
+
+
+@pytest.mark.parametrize("qtype,n_rows,n_cols,glu,tile", _shape_tuned_params())
+def test_shape_tuned_tiles(seed, qtype, n_rows, n_cols, glu, tile, monkeypatch):
+    """A per-shape tile serves one-row launches of its shape only (batched rows and
+    SHAPE_TILES off take the type default), is a tiling `plan` accepts, and computes the
+    product at its shape."""
+    pick = qm.glu_block_sizes if glu else qm.BlockSizes.get_default
+    got = pick(qtype, n_rows, n_cols, 1)
+    assert got == dataclasses.replace(tile, int_dot=qm.INT_DOT, fuse_x=qm.FUSE_X)
+    assert pick(qtype, n_rows, n_cols, 8) != got
+    monkeypatch.setattr(qm, "SHAPE_TILES", False)
+    assert pick(qtype, n_rows, n_cols, 1) == pick(qtype, n_rows, n_cols, 8)
+    monkeypatch.setattr(qm, "SHAPE_TILES", True)
+    qm.plan(qtype, 1, n_rows // 2 if glu else n_rows, n_cols, got)
+    rng = np.random.default_rng(seed)
+    w_data = random_weight(rng, qtype, n_rows, n_cols)
+    x = random_x(rng, 1, n_cols, jnp.float32)
+    if glu:
+        n_ff = n_rows // 2
+        y = qm.qmatvec_glu_packed(x, qm.repack(w_data, qtype), qtype, n_cols, interpret=INTERPRET)
+        w = gguf.quants.dequantize(w_data, qtype).astype(np.float64)
+        x64 = np.asarray(x, np.float64)
+        g, u = x64 @ w[:n_ff].T, x64 @ w[n_ff:].T
+        want = g / (1 + np.exp(-g)) * u
+        scale = (np.abs(x64) @ np.abs(w[:n_ff]).T) * (np.abs(x64) @ np.abs(w[n_ff:]).T)
+        err = np.abs(np.asarray(y, np.float64) - want) / np.maximum(scale, 1e-30)
+        assert err.max() <= 1e-3, f"seed={seed}: relative error {err.max():.3g}"
+    else:
+        y = qm.qmatvec(x, w_data, qtype, n_cols, interpret=INTERPRET)
+        check_close(y, x, w_data, qtype, f"seed={seed}", takes_int(qtype, got))

@@ -256,3 +256,20 @@ def test_decode_step_compiles_once(tiers, tiny_quantized):
     assert step._cache_size() == before + 1
     assert list(engine.generate_tokens([5, 6, 7], max_new_tokens=4, params=greedy)) == first
     assert step._cache_size() == before + 1
+
+
+def test_fused_next_norm_equals_separate_norm(tiny_quantized, monkeypatch):
+    """The resident loop's fused residual add + next norm (`model.FUSE_NORM`, one launch)
+    gives the logits of the add and the norm launched apart, decode kernels on."""
+    import jax
+    from ntransformer_jax import model as M
+    engine = nt.load(tiny_quantized("Q8_0"), ctx_size=32, kernels="interpret")
+    ids = np.random.default_rng().integers(0, engine.config.n_vocab, 5)   # one dispatch
+    fused = engine.logits(ids)
+    monkeypatch.setattr(M, "FUSE_NORM", False)
+    jax.clear_caches()              # read when traced
+    try:
+        apart = engine.logits(ids)
+    finally:
+        jax.clear_caches()
+    np.testing.assert_allclose(apart, fused, rtol=0, atol=1e-6 * np.abs(fused).max())

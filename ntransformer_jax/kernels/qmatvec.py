@@ -106,16 +106,20 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, qtype: gguf.GGMLQuantizationType, n_rows: int,
-                    n_cols: int) -> BlockSizes:
-        """The default tiling for an [n_rows, n_cols] matrix of `qtype`.
+                    n_cols: int, m_rows: int = 1) -> BlockSizes:
+        """The default tiling for an [n_rows, n_cols] matrix of `qtype` and `m_rows` x rows.
 
-        Starts from the type's tuned tile (`TUNED`, the fastest of a sweep on the 70B
+        A one-row launch of a shape in `SHAPE_TUNED` takes that tile (with `SHAPE_TILES`).
+        Otherwise it starts from the type's tuned tile (`TUNED`, the fastest of a sweep on the 70B
         28672 x 8192 matrix), shrinks it to the largest powers of two that divide the shape
         (`qmatvec` rejects shapes where that falls below the minimum), then splits K while the
         launch has at most half of `TARGET_PROGRAMS` programs: short matrices need the split to
         keep enough loads in flight.
         """
         fmt = _format(qtype)
+        shaped = _shape_tuned(qtype, n_rows, n_cols, m_rows, glu=False)
+        if shaped is not None:
+            return shaped
         tuned = dataclasses.replace(TUNED.get(T(qtype), cls()), int_dot=INT_DOT, fuse_x=FUSE_X)
         block_n = max(_pow2_divisor(n_rows, tuned.block_n), MIN_BLOCK_N)
         block_k = max(_pow2_divisor(n_cols, max(tuned.block_k, fmt.block)), fmt.block)
@@ -140,6 +144,29 @@ DEFAULT_TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims fo
 # Types whose tuned tile is large enough that fewer programs keep the loads in flight (Q4_0's
 # 32 x 2048 tile reads 36 KB an iteration: on the 70B gate/up matrix split_k 2 was 6% slower).
 TARGET_PROGRAMS: dict[gguf.GGMLQuantizationType, int] = {T.Q4_0: 1024}
+
+
+# Tiles for one x row on particular [N, K] shapes, where the type's tile (tuned on the 70B
+# gate/up matrix) leaves time on the table: key (type, N, K, glu), glu meaning the gate/up
+# kernel with N = 2 F. From `kernels_bench.py --model 8b --descend` sweeps on an H100 (see
+# benchmarks/RESULTS.md, session 11); e2e.py --shape_tiles off measures without them.
+SHAPE_TUNED: dict[tuple[gguf.GGMLQuantizationType, int, int, bool], BlockSizes] = {
+    (T.Q8_0, 4096, 4096, False): BlockSizes(block_n=8, block_k=2048, split_k=2, num_warps=8),
+    (T.Q8_0, 6144, 4096, False): BlockSizes(block_n=16, block_k=512, split_k=2, num_stages=5),
+    (T.Q8_0, 4096, 14336, False): BlockSizes(block_n=64, block_k=512, split_k=4, num_warps=16,
+                                             num_stages=4),
+    (T.Q4_0, 6144, 4096, False): BlockSizes(block_n=32, block_k=1024, num_warps=8, num_stages=4),
+    (T.Q4_0, 28672, 4096, True): BlockSizes(block_n=8, block_k=2048, num_warps=8, num_stages=4),
+}
+SHAPE_TILES = True     # False: `SHAPE_TUNED` is not consulted (read when a launch is traced)
+
+
+def _shape_tuned(qtype, n_rows: int, n_cols: int, m_rows: int, glu: bool) -> BlockSizes | None:
+    """`SHAPE_TUNED`'s tile for this launch, or None; the process-wide paths (`INT_DOT`,
+    `FUSE_X`) as the type defaults take them."""
+    bs = SHAPE_TUNED.get((T(qtype), n_rows, n_cols, glu)) if SHAPE_TILES and m_rows == 1 else None
+    return None if bs is None else dataclasses.replace(bs, int_dot=bs.int_dot and INT_DOT,
+                                                       fuse_x=bs.fuse_x and FUSE_X)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -910,7 +937,7 @@ def plan(qtype: gguf.GGMLQuantizationType, m_rows: int, n_rows: int, n_cols: int
     _check_n_cols(qtype, n_cols)
     if n_rows <= 0:
         raise InputError(f"{n_rows=} must be positive")
-    bs = block_sizes or BlockSizes.get_default(qtype, n_rows, n_cols)
+    bs = block_sizes or BlockSizes.get_default(qtype, n_rows, n_cols, m_rows)
     for name in ("block_n", "block_k", "split_k"):
         value = getattr(bs, name)
         if not _is_pow2(value):
@@ -1118,12 +1145,16 @@ def _run(x: jax.Array, packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizati
     return out[:, : x.shape[0]]
 
 
-def glu_block_sizes(qtype: gguf.GGMLQuantizationType, n_rows: int, n_cols: int) -> BlockSizes:
+def glu_block_sizes(qtype: gguf.GGMLQuantizationType, n_rows: int, n_cols: int,
+                    m_rows: int = 1) -> BlockSizes:
     """The default tiling of `qmatvec_glu_packed` for a gate/up matrix of `n_rows` = 2 F rows:
-    the plain kernel's default for all of it with the row tile halved (a program reads that many
-    gate rows and as many up rows, so it loads what a plain program does) and no K-split (the
-    product needs whole sums)."""
-    bs = BlockSizes.get_default(qtype, n_rows, n_cols)
+    `SHAPE_TUNED`'s for one x row where it has one, else the plain kernel's default for all of
+    it with the row tile halved (a program reads that many gate rows and as many up rows, so it
+    loads what a plain program does) and no K-split (the product needs whole sums)."""
+    shaped = _shape_tuned(qtype, n_rows, n_cols, m_rows, glu=True)
+    if shaped is not None:
+        return shaped
+    bs = BlockSizes.get_default(qtype, n_rows, n_cols, m_rows)
     half = n_rows // 2
     block_n = max(_pow2_divisor(half, max(bs.block_n // 2, MIN_BLOCK_N)), MIN_BLOCK_N)
     return dataclasses.replace(bs, block_n=block_n, split_k=1)
@@ -1167,7 +1198,7 @@ def qmatvec_glu_packed(x: jax.Array, packed: tuple[jax.Array, ...],
     qtype, n_rows = _check_inputs(x, packed, qtype, n_cols, layer)
     if n_rows % 2:
         raise InputError(f"a gate/up matrix has an even number of rows, got {n_rows}")
-    bs = block_sizes or glu_block_sizes(qtype, n_rows, n_cols)
+    bs = block_sizes or glu_block_sizes(qtype, n_rows, n_cols, x.shape[0])
     if bs.split_k != 1:
         raise InputError(f"qmatvec_glu_packed takes split_k=1, got {bs.split_k}")
     p = plan(qtype, x.shape[0], n_rows // 2, n_cols, bs)
