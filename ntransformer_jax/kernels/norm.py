@@ -25,7 +25,13 @@ from ntransformer_jax.errors import InputError
 from ntransformer_jax.kernels import qmatvec as qm
 
 MAX_ROWS = 8
-NUM_WARPS: int | None = None   # warps of the one program per row; None: 4 up to D = 4096, else 8
+NUM_WARPS: int | None = None   # warps of the one program per row; None: `default_warps(D)`
+
+
+def default_warps(d: int) -> int:
+    """Warps of the one program per row of width d: 16 at D = 4096 (8B Q8_0 tg128 +1.0-2.3% over
+    4 warps on an H100, benchmarks/RESULTS.md session 12), 4 below, 8 above (not yet swept)."""
+    return 4 if d < 4096 else 16 if d == 4096 else 8
 
 
 def supports(n_rows: int, width: int) -> bool:
@@ -122,7 +128,7 @@ def add_rms_norm(x: jax.Array, parts: jax.Array | None, weight: jax.Array, eps: 
         in_specs=in_specs,
         out_specs=(row,) * n_out,
         compiler_params=plgpu.CompilerParams(
-            num_warps=NUM_WARPS or (4 if d <= 4096 else 8), num_stages=1),
+            num_warps=NUM_WARPS or default_warps(d), num_stages=1),
         interpret=interpret,
         name="add_rms_norm",
     )(*operands)
