@@ -155,9 +155,10 @@ SHAPE_TUNED: dict[tuple[gguf.GGMLQuantizationType, int, int, bool], BlockSizes] 
     (T.Q8_0, 6144, 4096, False): BlockSizes(block_n=16, block_k=512, split_k=2, num_stages=5),
     (T.Q8_0, 4096, 14336, False): BlockSizes(block_n=64, block_k=512, split_k=4, num_warps=16,
                                              num_stages=4),
-    (T.Q4_0, 6144, 4096, False): BlockSizes(block_n=32, block_k=1024, num_warps=8, num_stages=4),
-    (T.Q4_0, 28672, 4096, True): BlockSizes(block_n=8, block_k=2048, num_warps=8, num_stages=4),
 }
+# Ranked ahead of the Q4_0 defaults by the same sweep but not yet timed in e2e (8B Q4_0 meets its
+# target without them): qkv 6144 x 4096 BlockSizes(32, 1024, 1, 8 warps, 4 stages) and glu
+# 28672 x 4096 BlockSizes(8, 2048, 1, 8 warps, 4 stages).
 SHAPE_TILES = True     # False: `SHAPE_TUNED` is not consulted (read when a launch is traced)
 
 
