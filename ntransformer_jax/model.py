@@ -397,18 +397,6 @@ def attention(q: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
 # The model
 # ---------------------------------------------------------------------------------------------
 
-def block_fn(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, cache: KVCache, pos: jax.Array,
-             inv_freq: jax.Array, layer: jax.Array | None = None,
-             norms_stacked: bool = False) -> tuple[jax.Array, KVCache]:
-    """One transformer block on its own (un-jitted): `block_step` from the residual stream x
-    [B, T, D] with this layer's attention norm applied first and no norm after. Returns
-    (x [B, T, D], updated cache)."""
-    kernel = w.attn_output.kernel
-    h = add_norm(x, None, w.attn_norm, cfg.rms_eps, kernel, layer if norms_stacked else None)
-    x, _, cache = block_step(cfg, w, x, h, cache, pos, inv_freq, None, layer, norms_stacked)
-    return x, cache
-
-
 def block_step(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, h: jax.Array, cache: KVCache,
                pos: jax.Array, inv_freq: jax.Array, next_norm: jax.Array | None,
                layer: jax.Array | None = None,
