@@ -4,7 +4,8 @@
     python benchmarks/kernels_bench.py --smoke        # CPU: Pallas interpret mode, tiny shapes
 
 For every type in `qmatvec.SUPPORTED_TYPES`, every shape N x K (q/o 8192x8192, k/v 1024x8192,
-gate/up 28672x8192, down 8192x28672, glu: gate and up in one `qmatvec_glu_packed` launch) and M = 1, 8 rows of x: random valid weight blocks (random
+gate/up 28672x8192, down 8192x28672, glu: gate and up in one `qmatvec_glu_packed` launch, qkv
+10240x8192) and M = 1, 8 rows of x (`--m`): random valid weight blocks (random
 bytes with finite half scale fields, as tests/test_kernels.py's `random_weight` builds K-quants;
 the kernel reads bytes, so quantizing real floats would not change a timing), repacked once;
 `qmatvec_packed` timed for a bounded sweep of BlockSizes, and the XLA baseline
@@ -20,11 +21,14 @@ Sweep, in this order, each step within a share of `--budget_s` (defaults always 
    best; then the shapes named by `--descend` get their own M = 1 descent from their best. Configs that `qmatvec.plan` rejects are skipped; `--quick` runs step 1 only.
 
 Timing (`ceilings.pipelined_time`): one jitted program runs the kernel on `--unroll` different x
+(the kernel alone: with a K-split its partial sums stay unadded, as the engine's consumers take them)
 (so nothing is shared between calls), dispatched back to back and blocked once per sample; the
 median over `--repeats` samples, divided by the calls per sample. The XLA baseline runs one call
 per program (its dequantization would otherwise be shared across the unrolled calls).
 Correctness: every timed config's output for x[0] is compared with the XLA reference on the same
-device: max |y - ref| / (|x| @ |W|^T) <= 1e-5, as tests/test_kernels.py's check_close. A failing
+device: max |y - ref| / (|x| @ |W|^T) <= 1e-5, on the integer path after taking off the bound of
+x's rounding (max|x_block| / 65278 per element, times |W|), as tests/test_kernels.py's
+check_close does. A failing
 config is never "best"; failures print a loud line at once and make the exit status 1.
 
 Output: one line per failed config or compile error while running, JSON to `--out` (default
@@ -56,11 +60,12 @@ T = gguf.GGMLQuantizationType
 HIGHEST = jax.lax.Precision.HIGHEST
 RTOL = 1e-5
 
-# Llama-3-70B matrices, N x K (rows x columns of W): D = 8192, F = 28672, 8 KV heads x 128.
+# Llama-3-70B matrices, N x K (rows x columns of W): D = 8192, F = 28672, 8 KV heads x 128;
+# "qkv": q, k and v stacked by rows, as the engine launches them (k/v alone never run there).
 # "glu": gate and up stacked by rows [G; U] through `qmatvec_glu_packed` (the model's feed-forward
 # launch: silu(x G^T) * (x U^T) in one kernel, split_k 1).
 SHAPES_70B = {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192),
-              "down": (8192, 28672), "glu": (57344, 8192)}
+              "down": (8192, 28672), "glu": (57344, 8192), "qkv": (10240, 8192)}
 # Llama-3-8B (--model 8b): D = 4096, F = 14336.
 SHAPES_8B = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096),
              "down": (4096, 14336), "qkv": (6144, 4096), "glu": (28672, 4096)}
@@ -158,7 +163,7 @@ class Case(ConfigRecords):
         self.weight_bytes = sum(int(a.size) * a.dtype.itemsize for a in packed)
         self.configs: list[dict] = []   # every config tried, in order
         self.xla: dict = {}
-        self.ref = self.scale = None
+        self.ref = self.scale = self.x_bound = None
 
     @property
     def label(self) -> str:
@@ -182,15 +187,23 @@ class Bench:
         """Time the XLA baseline and keep its output for x[0] and the error scale |x| @ |W|^T."""
         qtype, k = case.qtype, case.n_cols
         ref_fn = jax.jit(lambda x, w: qm.qmatvec_reference(x, w, qtype, k))
-        scale_fn = jax.jit(lambda x, w: jnp.einsum(
-            "mk,nk->mn", jnp.abs(x), jnp.abs(quants.dequantize(w, qtype, k)), precision=HIGHEST))
+        def x_round(x):   # what the integer path's rounding of x may move each element by
+            m = x.shape[0]
+            s = jnp.max(jnp.abs(x).reshape(m, -1, 32), axis=-1, keepdims=True) / qm.X_QMAX
+            return jnp.broadcast_to(0.51 * s, (m, k // 32, 32)).reshape(m, k)
+
+        scale_fn = jax.jit(lambda x, w: [jnp.einsum(
+            "mk,nk->mn", v, jnp.abs(quants.dequantize(w, qtype, k)), precision=HIGHEST)
+            for v in (jnp.abs(x), x_round(x))])
         try:
             case.ref = jax.block_until_ready(ref_fn(case.xs[0], case.w_data))
-            case.scale = jax.block_until_ready(scale_fn(case.xs[0], case.w_data))
+            case.scale, case.x_bound = jax.block_until_ready(scale_fn(case.xs[0], case.w_data))
             if case.glu:   # y = silu(g) u: first-order bound |silu'(g)| S_g |u| + |silu(g)| S_u
-                (g, u), (s_g, s_u) = (jnp.split(a, 2, axis=1) for a in (case.ref, case.scale))
+                g, u = jnp.split(case.ref, 2, axis=1)
                 case.ref = jax.nn.silu(g) * u
-                case.scale = 1.1 * s_g * jnp.abs(u) + jnp.abs(jax.nn.silu(g)) * s_u
+                case.scale, case.x_bound = (
+                    1.1 * s_g * jnp.abs(u) + jnp.abs(jax.nn.silu(g)) * s_u
+                    for s_g, s_u in (jnp.split(a, 2, axis=1) for a in (case.scale, case.x_bound)))
             t = pipelined_time(lambda: ref_fn(case.xs[0], case.w_data), self.args.repeats)
         except Exception as err:  # noqa: BLE001 - report and go on with the other cases
             case.xla = dict(error=_one_line(err))
@@ -218,13 +231,19 @@ class Bench:
 
         matvec = qm.qmatvec_glu_packed if case.glu else qm.qmatvec_packed
 
+        # The kernel alone: a K-split's partial sums are left unadded (the engine's consumers,
+        # the norm and RoPE kernels, add them as they load them); the check adds them.
+        opts = {} if case.glu else dict(sum_splits=False)
+
         @jax.jit
         def calls(xs, packed):
-            return [matvec(x, packed, qtype, k, block_sizes=bs, interpret=interpret) for x in xs]
+            return [matvec(x, packed, qtype, k, block_sizes=bs, interpret=interpret, **opts)
+                    for x in xs]
 
         try:
             t0 = time.perf_counter()
             y0 = jax.block_until_ready(calls(case.xs, case.packed))[0]
+            y0 = y0 if case.glu else y0.sum(axis=0)
             rec["compile_s"] = time.perf_counter() - t0   # compile and first run
             t = pipelined_time(lambda: calls(case.xs, case.packed), self.args.repeats)
         except Exception as err:  # noqa: BLE001 - a config that does not compile or run
@@ -238,7 +257,10 @@ class Bench:
             rec["ok"], rec["max_rel_err"] = False, None
             msg = f"!!! UNCHECKED {case.label} {_bs_short(bs)}: the XLA reference failed"
         else:
-            err = jnp.max(jnp.abs(y0 - case.ref) / jnp.maximum(case.scale, np.finfo(np.float32).tiny))
+            excess = jnp.abs(y0 - case.ref)
+            if qm._takes_int(qm._format(case.qtype), bs):   # less x's rounding, as the tests
+                excess = excess - case.x_bound
+            err = jnp.max(excess / jnp.maximum(case.scale, np.finfo(np.float32).tiny))
             rec["max_rel_err"] = float(err)
             rec["ok"] = bool(rec["max_rel_err"] <= RTOL)   # NaN fails too
             msg = (f"!!! WRONG RESULT {case.label} {_bs_short(bs)}: max relative error "
@@ -279,10 +301,12 @@ def _carry_over(bench: Bench, case: Case, source: Case | None, deadline: float,
         bench.run(case, bs)
 
 
-def _default(qtype: T, shape_name: str, n: int, k: int, m: int) -> qm.BlockSizes:
+def _default(qtype: T, shape_name: str, n: int, k: int, m: int,
+             tuned: qm.BlockSizes | None = None) -> qm.BlockSizes:
+    """The engine's tiling of this case, from the type's tuned tile or from `tuned`."""
     if shape_name == GLU_SHAPE:
-        return qm.glu_block_sizes(qtype, n, k, m)
-    return qm.BlockSizes.get_default(qtype, n, k, m)
+        return qm.glu_block_sizes(qtype, n, k, m, tuned)
+    return qm.BlockSizes.get_default(qtype, n, k, m, tuned)
 
 
 def _case_record(case: Case) -> dict:
@@ -340,17 +364,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run the coordinate descent at M = 8 (default: carry-over only)")
     p.add_argument("--no_fuse_x", action="store_true",
                    help="defaults with x quantized by XLA before each launch (qmatvec.FUSE_X off)")
+    p.add_argument("--m", default=",".join(map(str, M_ROWS)),
+                   help="comma-separated x row counts (default 1,8; the first gets the descent)")
+    p.add_argument("--candidates", default="",
+                   help="comma-separated tiles block_n/block_k/num_warps/num_stages, each run on"
+                   " every case after its default as the engine would fit it to the shape"
+                   " (qmatvec.BlockSizes.get_default(..., tuned=tile): its K-split, the glu"
+                   " kernel's halved row tile)")
     p.add_argument("--seed", type=int, default=0)
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
     p.add_argument("--out", default=default_out, help="JSON file (default $OUT/kernels.json)")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (2 if args.smoke else 7)
     args.unroll = args.unroll or (2 if args.smoke else 8)
+    try:
+        args.m = tuple(int(v) for v in args.m.split(","))
+        args.candidates = [qm.BlockSizes(**dict(zip(
+            ("block_n", "block_k", "num_warps", "num_stages"), map(int, c.split("/")),
+            strict=True))) for c in args.candidates.split(",") if c.strip()]
+    except (TypeError, ValueError) as err:
+        p.error(f"--m or --candidates: {err}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    m_rows = args.m
     if args.no_fuse_x:
         qm.FUSE_X = False
     t_start = time.perf_counter()
@@ -393,14 +432,14 @@ def main(argv: list[str] | None = None) -> int:
                 w_host = random_weight(rng, qtype, n, k)
                 w_data = jax.device_put(w_host)
                 packed = jax.block_until_ready(qm.repack(w_data, qtype, k))
-                defaults = {m: _default(qtype, shape_name, n, k, m) for m in M_ROWS}
+                defaults = {m: _default(qtype, shape_name, n, k, m) for m in m_rows}
             except Exception as err:  # noqa: BLE001 - one type must not end the run
                 msg = f"!!! {qtype.name} {n}x{k}: cannot build the weight: {_one_line(err)}"
                 bench.failures.append(msg)
                 print(msg, flush=True)
                 continue
             del w_host
-            for m in M_ROWS:
+            for m in m_rows:
                 case = Case(qtype, shape_name, n, k, m, w_data, packed, rng, args.unroll)
                 bench.reference(case)
                 bench.run(case, defaults[m])
@@ -408,35 +447,59 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{qtype.name} {n}x{k}: defaults done ({time.perf_counter() - t_start:.0f} s)",
                   flush=True)
 
+    # 1b. Candidate tiles on every case (the glu kernel's with split_k 1).
+    for case in cases.values():
+        for bs in args.candidates:
+            if time.perf_counter() - t_start > args.budget_s:
+                break
+            try:
+                tile = _default(case.qtype, case.shape_name, case.n_rows, case.n_cols,
+                                case.m_rows, bs)
+            except InputError:
+                continue
+            bench.run(case, tile)
+    if args.candidates:
+        print(f"candidates done ({time.perf_counter() - t_start:.0f} s, {bench.n_timed} configs"
+              " timed)", flush=True)
+
     # 2-3. The sweep, each type getting an equal share of what is left of the budget.
     if not args.quick:
         for i, qtype in enumerate(types):
             left = args.budget_s - (time.perf_counter() - t_start)
             share = max(0.0, left) / (len(types) - i)
             deadline = time.perf_counter() + share
-            big = {m: cases.get((qtype, sweep_shape, m)) for m in M_ROWS}
-            if big[M_ROWS[0]] is not None:   # with --descend_m8, M = 1 gets 45% of the share
-                _descend(bench, big[M_ROWS[0]], axes,
+            big = {m: cases.get((qtype, sweep_shape, m)) for m in m_rows}
+            if big[m_rows[0]] is not None:   # with --descend_m8, M = 1 gets 45% of the share
+                _descend(bench, big[m_rows[0]], axes,
                          time.perf_counter() + share * 0.45 if args.descend_m8 else deadline)
-            for m in M_ROWS[1:]:
+            for m in m_rows[1:]:
                 if big[m] is not None:
-                    _carry_over(bench, big[m], big[M_ROWS[0]], deadline, split_variants=False)
+                    _carry_over(bench, big[m], big[m_rows[0]], deadline, split_variants=False)
                     if args.descend_m8:
                         _descend(bench, big[m], axes, deadline - share * 0.2)
             for shape_name in shapes:
-                for m in M_ROWS:
+                for m in m_rows:
                     case = cases.get((qtype, shape_name, m))
                     if shape_name != sweep_shape and case is not None:
                         _carry_over(bench, case, big[m], deadline, split_variants=True)
             own = [n for n in descend if n in shapes and n != sweep_shape]
             for j, shape_name in enumerate(own):   # equal shares of what is left
-                case = cases.get((qtype, shape_name, M_ROWS[0]))
+                case = cases.get((qtype, shape_name, m_rows[0]))
                 if case is not None:
                     now = time.perf_counter()
                     _descend(bench, case, axes, now + max(0.0, deadline - now) / (len(own) - j))
             print(f"{qtype.name}: sweep done ({time.perf_counter() - t_start:.0f} s, "
                   f"{bench.n_timed} configs timed)", flush=True)
 
+    # The ceiling again, after the kernels have run (the card warm); the better of the two counts.
+    end = hbm_read_gbps(64 << 20 if args.smoke else 4 << 30)
+    res["hbm_read_gbps_start"], res["hbm_read_gbps_end"] = ceiling, end
+    if end > ceiling:
+        ceiling = bench.ceiling = res["hbm_read_gbps"] = end
+        for case in cases.values():
+            for rec in case.configs:
+                if "time_s" in rec:
+                    rec["gbps"], rec["pct_hbm"] = bench.gbps(case.weight_bytes, rec["time_s"])
     res["results"] = [_case_record(c) for c in cases.values()]
     for r in res["results"]:
         where = f"{r['type']} {r['n']}x{r['k']} M={r['m']}"
@@ -453,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(res, f, indent=1)
     if bench.failures:
         print(f"\n!!! {len(bench.failures)} FAILURES:\n" + "\n".join(bench.failures))
-    print(f"\n{res['card']} jax {res['jax']}, HBM read ceiling {ceiling:.0f} GB/s, "
+    print(f"\n{res['card']} jax {res['jax']}, HBM read ceiling {ceiling:.0f} GB/s (start"
+          f" {res['hbm_read_gbps_start']:.0f}, end {end:.0f}), "
           f"{bench.n_timed} configs timed in {res['elapsed_s']:.0f} s"
           + (" (interpret mode: timings mean nothing)" if args.smoke else ""))
     print(_table(res))

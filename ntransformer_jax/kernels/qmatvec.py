@@ -16,26 +16,28 @@ the GGUF bytes:
 | Q8_0 | B=32: qs [8] int32 words (the 32 int8 bytes), d f16                        | 272 = GGUF           |
 | Q4_0 | B=32: qs [4] int32 words (the 16 bytes), d f16                             | 144 = GGUF           |
 | Q4_1 | B=32: qs [4] int32 words, d f16, m f16                                     | 160 = GGUF           |
-| Q5_0 | B=32: qs [16], d f16, qh int32                                             | 176 = GGUF           |
+| Q5_0 | B=32: qs [4] words, d f16, qh int32 (its bits reordered, `_split_q5_0`)     | 176 = GGUF           |
 | Q4_K | B=256: qs [4, 8] words; d, dmin f16; scales, mins of even/odd sub-blocks [4] | 148 = GGUF 144 + 2.8% |
 | Q5_K | B=256: as Q4_K plus qh [8] words                                           | 180 = GGUF 176 + 2.3% |
-| Q6_K | B=128: ql [2, 2, 16], qh [2, 16], scales of low/high nibbles [2, 2], d f16 | 212 = GGUF 210 + 1.0% |
+| Q6_K | B=128: ql [2, 2, 4] words, qh [2, 4] words, scales of low/high nibbles [2, 2], d f16 | 212 = GGUF 210 + 1.0% |
 
 (K-quants grow because their packed 6-bit scales get a byte each, and Q6_K's d is stored once per
 half super-block.) The repack moves bytes only; `dequantize_packed` undoes it bit for bit.
 
-Arithmetic, integer path (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K; the default, `BlockSizes.int_dot`). Each
+Arithmetic, integer path (every type; the default, `BlockSizes.int_dot`). Each
 program quantizes the 32-value blocks of x it reads to 16 bits (two int8 digits; `fuse_x`, the
 default: no XLA kernel runs before the launch, which on small matrices costs as much as the
 matrix itself; with `fuse_x=False` the wrapper does it once) and multiplies them
 with the quant bytes in `dp4a` instructions, 4 products a instruction, exactly in int32; one
 float multiply a block applies both scales. Q4_0's K loop issues 1.8 thread instructions a
 weight value instead of the float path's 8.1 (Q8_0: 1.7 against 11.9; sm_90 SASS, M = 1,
-`benchmarks/qmatmul_sass.py --kernel qmatvec`), so the kernel is no longer bound by issue. x's rounding,
+`benchmarks/qmatmul_sass.py --kernel qmatvec`), so the kernel is no longer bound by issue; per
+weight byte, Q5_0 takes 4.4 instead of 10.8 and Q6_K 5.1 instead of 11.8 (16 x 1024 tiles, 4
+warps). x's rounding,
 |x - x'| <= max|x_block| / 65278, is the one error the float path does not have. See "The
 integer path" below.
 
-Arithmetic, float path (every other type, and `int_dot=False`). A 4-bit byte holds two values
+Arithmetic, float path (`int_dot=False`, and the prefill kernel's unpack). A 4-bit byte holds two values
 that are not neighbours in K (Q4_0: element j and j + 16 of its block). The kernel keeps them apart as a "low" and a "high" plane and the wrapper
 splits x the same way, which is cheap (x is one row per token). Integers become floats without
 conversion instructions (a quarter-rate unit on NVIDIA GPUs): OR-ing a value v < 2^23 into the bit
@@ -89,9 +91,9 @@ class BlockSizes:
         split_k: programs sharing one row tile, each over K / split_k columns; their partial
             sums are added by the wrapper. Raises the program count for short matrices.
         num_warps, num_stages: Triton launch options (ignored in interpret mode).
-        int_dot: take the integer path where the type has one (Q8_0, Q4_0, Q4_1, Q4_K,
-            Q5_K: x quantized to 16 bits a block, dp4a products; see "The integer path");
-            False, or any other type: float products of the f32 x, exact.
+        int_dot: take the integer path where the type has one (all of SUPPORTED_TYPES: x
+            quantized to 16 bits a block, dp4a products; see "The integer path"); False:
+            float products of the f32 x, exact.
         fuse_x: on the integer path, each program quantizes its own x tiles from the float x
             (no XLA kernels before the launch); False: the wrapper quantizes x first.
     """
@@ -106,21 +108,22 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, qtype: gguf.GGMLQuantizationType, n_rows: int,
-                    n_cols: int, m_rows: int = 1) -> BlockSizes:
+                    n_cols: int, m_rows: int = 1, tuned: BlockSizes | None = None) -> BlockSizes:
         """The default tiling for an [n_rows, n_cols] matrix of `qtype` and `m_rows` x rows.
 
         A one-row launch of a shape in `SHAPE_TUNED` takes that tile (with `SHAPE_TILES`).
         Otherwise it starts from the type's tuned tile (`TUNED`, the fastest of a sweep on the 70B
-        28672 x 8192 matrix), shrinks it to the largest powers of two that divide the shape
-        (`qmatvec` rejects shapes where that falls below the minimum), then splits K while the
-        launch has at most half of `TARGET_PROGRAMS` programs: short matrices need the split to
-        keep enough loads in flight.
+        28672 x 8192 matrix, or `tuned` where given: benchmarks try candidates this way), shrinks
+        it to the largest powers of two that divide the shape (`qmatvec` rejects shapes where that
+        falls below the minimum), then splits K while the launch has at most half of
+        `TARGET_PROGRAMS` programs: short matrices need the split to keep enough loads in flight.
         """
         fmt = _format(qtype)
-        shaped = _shape_tuned(qtype, n_rows, n_cols, m_rows, glu=False)
+        shaped = None if tuned else _shape_tuned(qtype, n_rows, n_cols, m_rows, glu=False)
         if shaped is not None:
             return shaped
-        tuned = dataclasses.replace(TUNED.get(T(qtype), cls()), int_dot=INT_DOT, fuse_x=FUSE_X)
+        tuned = dataclasses.replace(tuned or TUNED.get(T(qtype), cls()), int_dot=INT_DOT,
+                                    fuse_x=FUSE_X, split_k=1)
         block_n = max(_pow2_divisor(n_rows, tuned.block_n), MIN_BLOCK_N)
         block_k = max(_pow2_divisor(n_cols, max(tuned.block_k, fmt.block)), fmt.block)
         split_k = 1
@@ -266,13 +269,7 @@ def _x_nibble_planes(x):
     return x[..., :16], x[..., 16:] * (1 / 16)
 
 
-def _dot_planes(u, xs):
-    """sum_j lo_j x_lo_j + hi_j x_hi_j per block, times the block's scale."""
-    lo, hi, d = u[:3]
-    return d * _sum(lo * xs[0][None] + hi * xs[1][None])
-
-
-# Words. Q8_0, Q4_0, Q4_1, Q4_K and Q5_K keep their quant bytes as little-endian int32 words (word w holds
+# Words. Every type keeps its quant bytes as little-endian int32 words (word w holds
 # bytes 4w .. 4w + 3 of the block), the unit the integer path's dp4a reads; the float path takes
 # byte k of word w apart by a shift (value index 4w + k, so the trailing [words, 4] axes flatten
 # to the block's byte order).
@@ -364,21 +361,41 @@ def _dot_q4_1(u, xs):
 
 
 # Q5_0: 22-byte blocks `half d; uint8 qh[4]; uint8 qs[16]`: nibbles as Q4_0; bit j of the
-# little-endian word qh is bit 4 of element j; y = d * (q - 16).
+# little-endian word qh is bit 4 of element j; y = d * (q - 16). The quant bytes are kept as
+# words (as Q4_0's) and qh's bits are permuted once at load so that one shift and one mask put a
+# word's four fifth bits into place: the bit of low element 4w + k moves to bit 8k + w, the bit
+# of high element 16 + 4w + k to bit 8k + 4 + w.
+def _q5_0_bit_positions() -> np.ndarray:
+    """Where `repack` puts bit e of Q5_0's qh (e = the element index, 0..31)."""
+    e = np.arange(32)
+    w, k = (e % 16) // 4, e % 4
+    return 8 * k + 4 * (e // 16) + w
+
+
+def _permute_bits(v: jax.Array, to: np.ndarray) -> jax.Array:
+    """int32 `v` with bit e moved to bit to[e] (a permutation of 0..31)."""
+    bits = (lax.bitcast_convert_type(v, jnp.uint32)[..., None]
+            >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    out = jnp.sum(bits << jnp.asarray(to, jnp.uint32), axis=-1, dtype=jnp.uint32)
+    return lax.bitcast_convert_type(out, jnp.int32)
+
+
 def _split_q5_0(b):
-    return b[..., 6:], _half(b[..., 0:2]), lax.bitcast_convert_type(b[..., 2:6], jnp.int32)
+    qh = lax.bitcast_convert_type(b[..., 2:6], jnp.int32)
+    return _words(b[..., 6:]), _half(b[..., 0:2]), _permute_bits(qh, _q5_0_bit_positions())
 
 
 def _join_q5_0(qs, d, qh):
-    return _cat(_bytes(d), _bytes(qh), qs)
+    qh = _permute_bits(qh, np.argsort(_q5_0_bit_positions()))
+    return _cat(_bytes(d), _bytes(qh), _word_bytes(qs))
 
 
 def _unpack_q5_0(qs, d, qh):
-    b = _i32(qs)
-    j = _iota(b.shape, 2)
-    h = qh[:, :, None]
-    lo = (b & 0xF) | (((h << 4) >> j) & 0x10)        # bit j of qh -> bit 4
-    hi = (b & 0xF0) | ((h >> (j + 8)) & 0x100)       # bit j + 16 -> bit 8 (16 x bit 4)
+    b = _byte_planes(qs)                             # [block_n, blocks, 4 words, 4 bytes]
+    h = qh[:, :, None, None]
+    at = 8 * _iota(b.shape, 3) + _iota(b.shape, 2)   # 8k + w
+    lo = (b & 0xF) | (((h >> at) & 1) << 4)
+    hi = (b & 0xF0) | (((h >> (at + 4)) & 1) << 8)   # 16 x bit 4
     return _int_float(lo, 16.0), _int_float(hi, 256.0), _f32(d)
 
 
@@ -458,11 +475,13 @@ def _unpack_q5_k(qs, qh, *scales):
 # half h (128 values). Byte i = 32a + 16b + j of the half's ql[64] holds element 32a + 16b + j in
 # its low nibble and element 64 + 32a + 16b + j in its high nibble; their top two bits are the
 # bit pairs 2a and 2a + 2 of qh[16b + j]; their sub-blocks (16 values) are 8h + 2a + b and
-# 8h + 4 + 2a + b. y = (d * sc) * (q - 32).
+# 8h + 4 + 2a + b. y = (d * sc) * (q - 32). ql and qh are kept as little-endian words (j = 4w + k:
+# byte k of word w), the unit of the integer path.
 def _split_q6_k(b):
     n, nb = b.shape[:2]
     sc = lax.bitcast_convert_type(b[..., 192:208], jnp.int8).reshape(n, nb, 2, 2, 2, 2)
-    return (b[..., :128].reshape(n, 2 * nb, 2, 2, 16), b[..., 128:192].reshape(n, 2 * nb, 2, 16),
+    return (_words(b[..., :128]).reshape(n, 2 * nb, 2, 2, 4),
+            _words(b[..., 128:192]).reshape(n, 2 * nb, 2, 4),
             sc[:, :, :, 0].reshape(n, 2 * nb, 2, 2), sc[:, :, :, 1].reshape(n, 2 * nb, 2, 2),
             jnp.repeat(_half(b[..., 208:210]), 2, axis=1))
 
@@ -470,19 +489,19 @@ def _split_q6_k(b):
 def _join_q6_k(ql, qh, sc_lo, sc_hi, d):
     n, nb = ql.shape[0], ql.shape[1] // 2
     sc = jnp.stack([sc_lo.reshape(n, nb, 2, 2, 2), sc_hi.reshape(n, nb, 2, 2, 2)], axis=3)
-    return _cat(ql.reshape(n, nb, 128), qh.reshape(n, nb, 64),
+    return _cat(_word_bytes(ql.reshape(n, nb, 32)), _word_bytes(qh.reshape(n, nb, 16)),
                 _bytes(sc.reshape(n, nb, 16)).reshape(n, nb, 16), _bytes(d[:, 0::2]))
 
 
 def _x_q6_k(x):
-    x = x.reshape(*x.shape[:2], 2, 2, 2, 16)
+    x = x.reshape(*x.shape[:2], 2, 2, 2, 4, 4)
     return x[:, :, 0], x[:, :, 1] * (1 / 16)
 
 
 def _unpack_q6_k(ql, qh, sc_lo, sc_hi, d):
-    b = _i32(ql)                                   # [block_n, blocks, 2, 2, 16]
-    h = _i32(qh)[:, :, None]                       # [block_n, blocks, 1, 2, 16]
-    t = (h << 4) >> (2 * _iota(b.shape, 2))        # pair 2a -> bits 4-5, pair 2a + 2 -> bits 8-9
+    b = _byte_planes(ql)                           # [block_n, blocks, 2, 2, 4, 4]
+    h = _byte_planes(qh)[:, :, None]               # [block_n, blocks, 1, 2, 4, 4]
+    t = (h << 4) >> (2 * _iota(b.shape, 2))        # pair 2a -> bits 4-5, pair 2a + 4 -> bits 8-9
     lo = (b & 0xF) | (t & 0x30)
     hi = (b & 0xF0) | (t & 0x300)
     return _int_float(lo, 32.0), _int_float(hi, 512.0), _f32(sc_lo), _f32(sc_hi), _f32(d)
@@ -490,11 +509,12 @@ def _unpack_q6_k(ql, qh, sc_lo, sc_hi, d):
 
 def _dot_q6_k(u, xs):
     lo, hi, sc_lo, sc_hi, d = u
-    t = sc_lo * _sum(lo * xs[0][None]) + sc_hi * _sum(hi * xs[1][None])  # [block_n, blocks, 2, 2]
+    t = (sc_lo * _sum(lo * xs[0][None], 2)
+         + sc_hi * _sum(hi * xs[1][None], 2))      # [block_n, blocks, 2, 2]
     return d * _sum(t, 2)
 
 
-# The integer path (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K). Each x block of 32 values is quantized to 16 bits,
+# The integer path (every type). Each x block of 32 values is quantized to 16 bits,
 # q = round(x / s) with s = max|x| / X_QMAX, and q is split into two int8 digits q = 256 h + l
 # (h = (q + 128) >> 8, so l is in [-128, 127]). The weight's quant bytes then meet x's digits in
 # `dp4a` instructions (four 8-bit products and their sum in one instruction, PTX
@@ -516,15 +536,21 @@ def _pack_words(v: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(w, jnp.int32)
 
 
+def _x_quant(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x `[..., 32]` f32 -> q = round(x / s) `[..., 32]` int32 and s = max|x| / X_QMAX `[...]`."""
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    inv = jnp.where(amax > 0, X_QMAX / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(jnp.round(x * inv[..., None]), -X_QMAX, X_QMAX).astype(jnp.int32)
+    return q, amax / X_QMAX
+
+
 def _x_int(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """x `[M, nb, 32]` f32 -> (h words, l words) `[M, nb, 8]` int32, the scale s `[M, nb]` f32 and
     sum(q) `[M, nb]` int32. A block of zeros gets s = 0; NaN or inf in x makes s NaN or inf, so
     they reach y as they do on the float path."""
-    amax = jnp.max(jnp.abs(x), axis=-1)
-    inv = jnp.where(amax > 0, X_QMAX / jnp.where(amax > 0, amax, 1.0), 0.0)
-    q = jnp.clip(jnp.round(x * inv[..., None]), -X_QMAX, X_QMAX).astype(jnp.int32)
+    q, s = _x_quant(x)
     h = (q + 128) >> 8
-    return _pack_words(h), _pack_words(q - (h << 8)), amax / X_QMAX, jnp.sum(q, axis=-1)
+    return _pack_words(h), _pack_words(q - (h << 8)), s, jnp.sum(q, axis=-1)
 
 
 def _x_int_q8_0(x):
@@ -542,10 +568,11 @@ _ROUND_MAGIC = 12582912.0      # 1.5 * 2^23: v + it holds round-half-even(v) in 
 _ROUND_BITS = 0x4B400000       # the bit pattern of 1.5 * 2^23
 
 
-def _quant_tiles(tiles: tuple[jax.Array, ...]):
-    """`_x_int` inside the kernel: float tiles `[..., words, 4]` whose last two axes together
+def _quant_tiles(tiles: tuple[jax.Array, ...], axes: int = 2):
+    """`_x_int` inside the kernel: float tiles `[..., words, 4]` whose last `axes` axes together
     are one 32-value block (all of it, or Q4_0's low and high halves: they share the scale) ->
-    (h words per tile, l words per tile, s, sum(q)), each `[...]` or `[..., words]`.
+    (h words per tile, l words per tile, s, sum(q)): h and l `[..., words]`, s `[...]` over the
+    leading axes, sum(q) over the last two axes of each tile, added over the tiles.
 
     Rounds half to even as jnp.round does, through the float adder (|v| <= X_QMAX < 2^22:
     the bits of v + 1.5 * 2^23 hold the rounded integer), since Triton has no round. A block
@@ -553,23 +580,30 @@ def _quant_tiles(tiles: tuple[jax.Array, ...]):
     tiles = [t.astype(jnp.float32) for t in tiles]
     amax = nan = None
     for t in tiles:
-        a = jnp.max(jnp.max(jnp.abs(t), axis=-1), axis=-1)
-        z = jnp.sum(jnp.sum(t * 0.0, axis=-1), axis=-1)   # NaN where t holds NaN or inf
+        a = _max(jnp.abs(t), axes)
+        z = _sum(t * 0.0, axes)   # NaN where t holds NaN or inf
         amax = a if amax is None else jnp.maximum(amax, a)
         nan = z if nan is None else nan + z
     inv = jnp.where(amax > 0, X_QMAX / jnp.where(amax > 0, amax, 1.0), 0.0)
     hs, ls, sq = [], [], 0
     for t in tiles:
-        v = t * inv[..., None, None]
+        v = t * inv[(..., *(None,) * axes)]
         q = lax.bitcast_convert_type(v + _ROUND_MAGIC, jnp.int32) - _ROUND_BITS
         q = jnp.minimum(jnp.maximum(q, -X_QMAX), X_QMAX)
         h = (q + 128) >> 8
         shift = 8 * _iota(q.shape, q.ndim - 1)
         hs.append(jnp.sum((h & 0xFF) << shift, axis=-1))
         ls.append(jnp.sum(((q - (h << 8)) & 0xFF) << shift, axis=-1))
-        sq = sq + jnp.sum(jnp.sum(q, axis=-1), axis=-1)
+        sq = sq + _sum(q, 2)
     # Triton's max drops NaN; the zero sum brings it back into s, and so into y.
     return hs, ls, amax / X_QMAX + nan, sq
+
+
+def _max(v: jax.Array, axes: int) -> jax.Array:
+    """Max over the last `axes` axes, one at a time."""
+    for _ in range(axes):
+        v = jnp.max(v, axis=-1)
+    return v
 
 
 def _view_q8_0(x):
@@ -723,6 +757,67 @@ def _int_dot_q5_k(w, xs, interpret):
     return _int_dot_k(lo, hi, scales, xs, interpret)
 
 
+def _int_dot_q5_0(w, xs, interpret):
+    """Q4_0's dot with the fifth bits ORed in (see `_split_q5_0` for their order) and zero 16."""
+    qs, d, qh = w
+    lo, hi = _nibble_planes(qs)
+    wi = _iota(qs.shape, 2)
+    h = qh[:, :, None]
+    lo = lo | ((h << (4 - wi)) & 0x10101010)         # bit 8k + w -> bit 8k + 4
+    hi = hi | ((h >> wi) & 0x10101010)               # bit 8k + 4 + w -> bit 8k + 4
+    sums = _int_words((lo, hi), [x[:4] for x in xs], False, interpret)
+    d = _f32(d)
+    return [(jnp.sum(t, axis=-1) - 16 * x[5][None]).astype(jnp.float32) * (d * x[4][None])
+            for t, x in zip(sums, xs)]
+
+
+def _x_int_q6_k(x):
+    """Q6_K: x `[M, nb, 128]` (element 64 p + 32 a + 16 b + 4 w + k of each half super-block)
+    -> per plane p (low, high) the digit words `[M, nb, 2 a, 2 b, 4 w]`, then the scales
+    `[M, nb, 2 a]` (one a 32-value block) and sum(q) per 16-value sub-block `[M, nb, 2 a, 2 b]`:
+    h_lo, l_lo, h_hi, l_hi, s_lo, s_hi, sq_lo, sq_hi."""
+    m, nb = x.shape[:2]
+    q, s = _x_quant(x.reshape(m, nb, 2, 2, 32))
+    h = (q + 128) >> 8
+    hw = _pack_words(h).reshape(m, nb, 2, 2, 2, 4)
+    lw = _pack_words(q - (h << 8)).reshape(m, nb, 2, 2, 2, 4)
+    sq = jnp.sum(q.reshape(m, nb, 2, 2, 2, 16), axis=-1)
+    return (hw[:, :, 0], lw[:, :, 0], hw[:, :, 1], lw[:, :, 1],
+            s[:, :, 0], s[:, :, 1], sq[:, :, 0], sq[:, :, 1])
+
+
+def _view_q6_k(x):
+    return x.reshape(*x.shape[:2], 2, 2, 2, 4, 4)   # p, a, b, word, byte
+
+
+def _fused_q6_k(ref, m, start, blocks):
+    rows = pl.ds(start, blocks)
+    (h_lo,), (l_lo,), s_lo, sq_lo = _quant_tiles((ref[m, rows, 0],), axes=3)
+    (h_hi,), (l_hi,), s_hi, sq_hi = _quant_tiles((ref[m, rows, 1],), axes=3)
+    return h_lo, l_lo, h_hi, l_hi, s_lo, s_hi, sq_lo, sq_hi
+
+
+def _int_dot_q6_k(w, xs, interpret):
+    """(d sc) (q - 32) per 16-value sub-block: the plane's integer sums less 32 sum(q) of x,
+    times the sub-block's scale and x's."""
+    ql, qh, sc_lo, sc_hi, d = w       # ql [block_n, blocks, 2, 2, 4], qh [block_n, blocks, 2, 4]
+    h = qh[:, :, None]
+    a2 = 2 * _iota(ql.shape, 2)
+    lo, hi = _nibble_planes(ql)
+    lo = lo | (((h >> a2) & 0x03030303) << 4)        # bit pair 2a of each qh byte -> bits 4-5
+    hi = hi | (((h >> (a2 + 4)) & 0x03030303) << 4)  # bit pair 2a + 4
+    a_lo = _int_words((lo,), [x[0:2] for x in xs], False, interpret)
+    a_hi = _int_words((hi,), [x[2:4] for x in xs], False, interpret)
+    sc_lo, sc_hi, d = _f32(sc_lo), _f32(sc_hi), _f32(d)
+    out = []
+    for t_lo, t_hi, x in zip(a_lo, a_hi, xs):
+        s_lo, s_hi = x[4][None, :, :, None], x[5][None, :, :, None]
+        i_lo = (jnp.sum(t_lo, axis=-1) - 32 * x[6][None]).astype(jnp.float32)
+        i_hi = (jnp.sum(t_hi, axis=-1) - 32 * x[7][None]).astype(jnp.float32)
+        out.append(d * _sum(sc_lo * s_lo * i_lo + sc_hi * s_hi * i_hi, 2))
+    return out
+
+
 _FORMATS: dict[gguf.GGMLQuantizationType, _Format] = {
     T.Q8_0: _Format(32, _split_q8_0, _join_q8_0, _x_q8_0, _unpack_q8_0, _dot_q8_0,
                      _x_int_q8_0, _int_dot_q8_0, _view_q8_0, _fused_q8_0),
@@ -730,30 +825,32 @@ _FORMATS: dict[gguf.GGMLQuantizationType, _Format] = {
                      _x_int_nibbles, _int_dot_q4_0, _view_nibbles, _fused_nibbles),
     T.Q4_1: _Format(32, _split_q4_1, _join_q4_1, _x_q4_1, _unpack_q4_1, _dot_q4_1,
                      _x_int_nibbles, _int_dot_q4_1, _view_nibbles, _fused_nibbles),
-    T.Q5_0: _Format(32, _split_q5_0, _join_q5_0, _x_nibble_planes, _unpack_q5_0, _dot_planes),
+    T.Q5_0: _Format(32, _split_q5_0, _join_q5_0, _x_word_planes, _unpack_q5_0, _dot_word_planes,
+                     _x_int_nibbles, _int_dot_q5_0, _view_nibbles, _fused_nibbles),
     T.Q4_K: _Format(256, _split_q4_k, _join_q4_k, _x_k_planes, _unpack_q4_k, _dot_k_planes,
                      _x_int_k, _int_dot_q4_k, _view_k, _fused_k),
     T.Q5_K: _Format(256, _split_q5_k, _join_q5_k, _x_k_planes, _unpack_q5_k, _dot_k_planes,
                      _x_int_k, _int_dot_q5_k, _view_k, _fused_k),
-    T.Q6_K: _Format(128, _split_q6_k, _join_q6_k, _x_q6_k, _unpack_q6_k, _dot_q6_k),
+    T.Q6_K: _Format(128, _split_q6_k, _join_q6_k, _x_q6_k, _unpack_q6_k, _dot_q6_k,
+                     _x_int_q6_k, _int_dot_q6_k, _view_q6_k, _fused_q6_k),
 }
 
 SUPPORTED_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(_FORMATS)
 
-# Per-type tiles: the fastest of a sweep (block_n 16/32/64 x block_k 256/512/1024 x 4/8 warps,
-# 3 stages) on the 28672 x 8192 matrix, M = 1, H200, 2026-11-27 (benchmarks/RESULTS.md). That
-# sweep timed blocked calls (host round trip included), so the choice is provisional: re-tune
-# with benchmarks/kernels_bench.py, which times calls back to back. Q4_0 is from that script's
-# coordinate descent on the integer path (H100, 2026-12-06): 32 x 2048, 8 warps, 4 stages
-# (60.4 us on 70B gate/up against 69.3 us for 32 x 512, 3 stages, split_k 2).
+# Per-type tiles, each tried as `get_default` fits it to every 70B matrix (its K-split, the glu
+# kernel's halved row tile). Q4_1, Q4_K, Q5_K and Q6_K: the tile with the least time over
+# 2 q/o + glu + down of six candidates, M = 1, H100, 2026-12-07
+# (`kernels_bench.py --candidates`, benchmarks/RESULTS.md, session 13); Q5_0's old tile ranked
+# level with the best. Q4_0 is from that script's coordinate descent on the integer path (H100,
+# 2026-12-06): 32 x 2048, 8 warps, 4 stages. Q8_0 from the first sweep (H200, 2026-11-27).
 TUNED: dict[gguf.GGMLQuantizationType, BlockSizes] = {
     T.Q8_0: BlockSizes(block_n=16, block_k=512, num_warps=4),
     T.Q4_0: BlockSizes(block_n=32, block_k=2048, num_warps=8, num_stages=4),
-    T.Q4_1: BlockSizes(block_n=16, block_k=1024, num_warps=4),
+    T.Q4_1: BlockSizes(block_n=32, block_k=2048, num_warps=8, num_stages=4),
     T.Q5_0: BlockSizes(block_n=16, block_k=1024, num_warps=4),
-    T.Q4_K: BlockSizes(block_n=32, block_k=1024, num_warps=8),
-    T.Q5_K: BlockSizes(block_n=16, block_k=512, num_warps=8),
-    T.Q6_K: BlockSizes(block_n=16, block_k=256, num_warps=4),
+    T.Q4_K: BlockSizes(block_n=32, block_k=2048, num_warps=8, num_stages=4),
+    T.Q5_K: BlockSizes(block_n=32, block_k=2048, num_warps=8, num_stages=4),
+    T.Q6_K: BlockSizes(block_n=16, block_k=1024, num_warps=4),
 }
 
 
@@ -1147,15 +1244,16 @@ def _run(x: jax.Array, packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizati
 
 
 def glu_block_sizes(qtype: gguf.GGMLQuantizationType, n_rows: int, n_cols: int,
-                    m_rows: int = 1) -> BlockSizes:
+                    m_rows: int = 1, tuned: BlockSizes | None = None) -> BlockSizes:
     """The default tiling of `qmatvec_glu_packed` for a gate/up matrix of `n_rows` = 2 F rows:
     `SHAPE_TUNED`'s for one x row where it has one, else the plain kernel's default for all of
-    it with the row tile halved (a program reads that many gate rows and as many up rows, so it
-    loads what a plain program does) and no K-split (the product needs whole sums)."""
-    shaped = _shape_tuned(qtype, n_rows, n_cols, m_rows, glu=True)
+    it (from `tuned` where given, as `BlockSizes.get_default` takes it) with the row tile halved
+    (a program reads that many gate rows and as many up rows, so it loads what a plain program
+    does) and no K-split (the product needs whole sums)."""
+    shaped = None if tuned else _shape_tuned(qtype, n_rows, n_cols, m_rows, glu=True)
     if shaped is not None:
         return shaped
-    bs = BlockSizes.get_default(qtype, n_rows, n_cols, m_rows)
+    bs = BlockSizes.get_default(qtype, n_rows, n_cols, m_rows, tuned)
     half = n_rows // 2
     block_n = max(_pow2_divisor(half, max(bs.block_n // 2, MIN_BLOCK_N)), MIN_BLOCK_N)
     return dataclasses.replace(bs, block_n=block_n, split_k=1)
