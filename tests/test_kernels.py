@@ -259,8 +259,8 @@ SHAPES_70B = ((8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672))
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_rows,n_cols", SHAPES_70B, ids=lambda v: str(v))
 def test_70b_shapes_plan_and_trace(qtype, n_rows, n_cols):
-    bs = qm.BlockSizes.get_default(qtype, n_rows, n_cols)
     for m_rows in (1, 3, 8):
+        bs = qm.BlockSizes.get_default(qtype, n_rows, n_cols, m_rows)
         p = qm.plan(qtype, m_rows, n_rows, n_cols)
         assert p.block_sizes == bs
         assert p.grid == (n_rows // bs.block_n, bs.split_k)
@@ -283,6 +283,19 @@ def test_70b_default_tiling():
     assert got[(1024, 8192)] == qm.BlockSizes(**tile, split_k=16)
     assert got[(28672, 8192)] == qm.BlockSizes(**tile, split_k=1)
     assert got[(8192, 28672)] == qm.BlockSizes(**tile, split_k=4)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_batched_launches_start_from_their_own_tile(qtype):
+    """One x row starts from TUNED, several from TUNED_BATCHED where the type has an entry."""
+    n, k = 28672, 8192
+    for m_rows in (1, 2, 8):
+        tile = qm.TUNED[qtype] if m_rows == 1 else qm.TUNED_BATCHED.get(qtype, qm.TUNED[qtype])
+        got = qm.BlockSizes.get_default(qtype, n, k, m_rows)
+        assert (got.block_n, got.block_k, got.num_warps, got.num_stages) == (
+            tile.block_n, tile.block_k, tile.num_warps, tile.num_stages), m_rows
+    if qtype in qm.TUNED_BATCHED:
+        assert qm.TUNED_BATCHED[qtype] != qm.TUNED[qtype]
 
 
 def test_supports():

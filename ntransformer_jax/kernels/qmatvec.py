@@ -113,7 +113,8 @@ class BlockSizes:
 
         A one-row launch of a shape in `SHAPE_TUNED` takes that tile (with `SHAPE_TILES`).
         Otherwise it starts from the type's tuned tile (`TUNED`, the fastest of a sweep on the 70B
-        28672 x 8192 matrix, or `tuned` where given: benchmarks try candidates this way), shrinks
+        matrices; `TUNED_BATCHED` first for several x rows; or `tuned` where given: benchmarks
+        try candidates this way), shrinks
         it to the largest powers of two that divide the shape (`qmatvec` rejects shapes where that
         falls below the minimum), then splits K while the launch has at most half of
         `TARGET_PROGRAMS` programs: short matrices need the split to keep enough loads in flight.
@@ -122,6 +123,7 @@ class BlockSizes:
         shaped = None if tuned else _shape_tuned(qtype, n_rows, n_cols, m_rows, glu=False)
         if shaped is not None:
             return shaped
+        tuned = tuned or (TUNED_BATCHED.get(T(qtype)) if m_rows > 1 else None)
         tuned = dataclasses.replace(tuned or TUNED.get(T(qtype), cls()), int_dot=INT_DOT,
                                     fuse_x=FUSE_X, split_k=1)
         block_n = max(_pow2_divisor(n_rows, tuned.block_n), MIN_BLOCK_N)
@@ -851,6 +853,14 @@ TUNED: dict[gguf.GGMLQuantizationType, BlockSizes] = {
     T.Q4_K: BlockSizes(block_n=32, block_k=2048, num_warps=8, num_stages=4),
     T.Q5_K: BlockSizes(block_n=32, block_k=2048, num_warps=8, num_stages=4),
     T.Q6_K: BlockSizes(block_n=16, block_k=1024, num_warps=4),
+}
+
+
+# Tiles for launches of 2 to 8 x rows where they differ from `TUNED` (the per-row integer work
+# grows with M, so large tiles spill or stall): Q4_K keeps session 10's 32 x 1024 tile, which
+# took 248 us on 70B gate/up at M = 8 where 32 x 2048 took 353 us (H100, benchmarks/RESULTS.md).
+TUNED_BATCHED: dict[gguf.GGMLQuantizationType, BlockSizes] = {
+    T.Q4_K: BlockSizes(block_n=32, block_k=1024, num_warps=8),
 }
 
 
