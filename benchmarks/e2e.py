@@ -42,6 +42,8 @@ flags.DEFINE_list("fuse_x", ["on"], "qmatvec.FUSE_X for each run (on: the decode
 flags.DEFINE_list("norm_warps", ["0"], "norm.NUM_WARPS for each run (0: the kernel's default).")
 flags.DEFINE_list("fuse_norm", ["on"], "model.FUSE_NORM for each run (on: a block's last residual "
                   "add and the next norm in one launch; off: two).")
+flags.DEFINE_list("fuse_rope", ["on"], "model.FUSE_ROPE_ATTENTION for each run (on: a layer's q/k "
+                  "rotation, cache write and attention in one launch; off: two).")
 flags.DEFINE_list("shape_tiles", ["on"], "qmatvec.SHAPE_TILES for each run (on: the per-shape "
                   "decode tiles of qmatvec.SHAPE_TUNED; off: the per-type defaults alone).")
 flags.DEFINE_integer("scan_unroll", 0, "Set model.SCAN_UNROLL (0: keep the default; -1: full unroll).")
@@ -56,9 +58,11 @@ def main(argv):
         from ntransformer_jax import model
         model.SCAN_UNROLL = True if FLAGS.scan_unroll < 0 else FLAGS.scan_unroll
     hbm = hbm_read_gbps() if jax.default_backend() == "gpu" else None
-    runs = [run(path, mode, hbm, pk == "on", fx == "on", int(nw), fn == "on", st == "on")
+    runs = [run(path, mode, hbm, pk == "on", fx == "on", int(nw), fn == "on", st == "on",
+                fr == "on")
             for mode in FLAGS.kernels for pk in FLAGS.prefill_kernel for fx in FLAGS.fuse_x
-            for nw in FLAGS.norm_warps for fn in FLAGS.fuse_norm for st in FLAGS.shape_tiles]
+            for nw in FLAGS.norm_warps for fn in FLAGS.fuse_norm for st in FLAGS.shape_tiles
+            for fr in FLAGS.fuse_rope]
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
         name = os.path.splitext(os.path.basename(path))[0]
@@ -69,6 +73,7 @@ def main(argv):
         print(f"\n{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']} "
               f"matmul={res['matmul']} prefill_kernel={res['prefill_kernel']} "
               f"fuse_x={res['fuse_x']} norm_warps={res['norm_warps']} fuse_norm={res['fuse_norm']} "
+              f"fuse_rope={res['fuse_rope']} "
               f"shape_tiles={res['shape_tiles']} unroll={res['scan_unroll']} load {res['load_s']:.0f}s: "
               f"pp{FLAGS.pp} {res['pp_tok_per_s']['median']:.1f} tok/s, tg{FLAGS.tg} "
               f"{res['tg_tok_per_s']['median']:.1f} tok/s (roofline {res.get('tg_roofline')}, "
@@ -77,11 +82,12 @@ def main(argv):
 
 def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
         fuse_x: bool = True, norm_warps: int = 0, fuse_norm: bool = True,
-        shape_tiles: bool = True) -> dict:
+        shape_tiles: bool = True, fuse_rope: bool = True) -> dict:
     from ntransformer_jax import model
     from ntransformer_jax.kernels import norm, qmatvec
     norm.NUM_WARPS = norm_warps or None
     model.FUSE_NORM = fuse_norm
+    model.FUSE_ROPE_ATTENTION = fuse_rope
     qmatvec.SHAPE_TILES = shape_tiles
     model.PREFILL_KERNEL = prefill_kernel
     qmatvec.FUSE_X = fuse_x
@@ -98,7 +104,7 @@ def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
     res["prefill_kernel"] = prefill_kernel
     res["fuse_x"] = qmatvec.FUSE_X   # as the load's self-test left it
     res["norm_warps"] = norm_warps or "default"
-    res["fuse_norm"], res["shape_tiles"] = fuse_norm, shape_tiles
+    res["fuse_norm"], res["shape_tiles"], res["fuse_rope"] = fuse_norm, shape_tiles, fuse_rope
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, min(eng.config.n_vocab, 30000), FLAGS.pp).tolist()

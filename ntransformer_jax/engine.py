@@ -260,6 +260,9 @@ class Engine:
                 attention.self_test(cfg.n_head, cfg.n_kv_head, cfg.head_dim, interpret=interpret)
             if rope_cache.supports(1, cfg.n_head, cfg.n_kv_head, cfg.head_dim):
                 rope_cache.self_test(cfg.n_head, cfg.n_kv_head, cfg.head_dim, interpret=interpret)
+                if M.FUSE_ROPE_ATTENTION and attention.supports_rope(
+                        1, cfg.n_head, cfg.n_kv_head, cfg.head_dim):   # (it replaces both)
+                    self._check_fused_rope(interpret)
             if norm.supports(1, cfg.n_embd):
                 norm.self_test(cfg.n_embd, interpret=interpret)
         except Exception as e:   # noqa: BLE001 -- any compile or runtime failure means "no kernels"
@@ -268,6 +271,19 @@ class Engine:
                 raise NTransformerError(f"the decode kernels do not run here ({reason})") from e
             logging.warning("decode kernels unavailable (%s); using XLA", reason)
             self.kernels = "off"
+
+    def _check_fused_rope(self, interpret: bool) -> None:
+        """`attention.rope_self_test`; where the fused kernel fails, the two kernels it replaces
+        (which passed theirs) run instead, process-wide, with a warning."""
+        cfg = self.config
+        try:
+            attention.rope_self_test(cfg.n_head, cfg.n_kv_head, cfg.head_dim, interpret=interpret)
+        except Exception as e:   # noqa: BLE001 -- any failure: keep rope_cache + decode_attention
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            logging.warning("the fused rope + attention kernel fails here (%s); using two"
+                            " kernels", reason)
+            M.FUSE_ROPE_ATTENTION = False
+            jax.clear_caches()
 
     def _staged_layer(self, i: int, span_start: int, buf: np.ndarray) -> M.LayerWeights:
         """A disk-tier layer as read (file bytes, numpy views of staging): it moves to the

@@ -431,15 +431,24 @@ def block_step(cfg: LlamaConfig, w: LayerWeights, x: jax.Array, h: jax.Array, ca
     # Attention: project, rotate, write the cache, attend, project back.
     if _fused_attention(cfg, w, h):
         # Kernels only: the q/k/v partial sums go straight to one kernel that adds them, rotates
-        # q and k and writes the cache in place, then one kernel attends over the cache in place.
+        # q and k, writes the cache in place and attends over it (`FUSE_ROPE_ATTENTION`), or to
+        # one kernel that adds, rotates and writes, then one that attends.
         parts = linear_parts(h, w.attn_q)
-        q, k_new, v_new = rope_cache.rope_cache_write(
-            parts.reshape(parts.shape[0], b * t, -1), positions, inv_freq, cache.k, cache.v,
-            n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, layer=layer,
-            interpret=kernel == "interpret")
-        cache = KVCache(k_new, v_new)
-        attn = attention_kernel.decode_attention(q, cache.k, cache.v, positions, layer=layer,
-                                                 interpret=kernel == "interpret")
+        parts = parts.reshape(parts.shape[0], b * t, -1)          # [P, B*T, (N+2K)*H]
+        heads = dict(n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
+        if FUSE_ROPE_ATTENTION and attention_kernel.supports_rope(
+                t, cfg.n_head, cfg.n_kv_head, cfg.head_dim, parts.shape[0]):
+            attn, k_new, v_new = attention_kernel.rope_decode_attention(
+                parts, positions, inv_freq, cache.k, cache.v, **heads, layer=layer,
+                interpret=kernel == "interpret")
+            cache = KVCache(k_new, v_new)
+        else:
+            q, k_new, v_new = rope_cache.rope_cache_write(
+                parts, positions, inv_freq, cache.k, cache.v, **heads, layer=layer,
+                interpret=kernel == "interpret")
+            cache = KVCache(k_new, v_new)
+            attn = attention_kernel.decode_attention(q, cache.k, cache.v, positions, layer=layer,
+                                                     interpret=kernel == "interpret")
     else:
         if w.attn_k is None:         # q, k and v fused by rows (see pack_layer)
             q, k, v = _linear_split(h, w.attn_q)
@@ -513,6 +522,12 @@ def first_norm(x: jax.Array, weight: jax.Array, eps: float, kernel: str | None,
 
 first_norm_jit = jax.jit(first_norm, static_argnames=("eps", "kernel"))
 
+
+# The decode path's rotation, cache write and attention in one launch per layer
+# (`attention.rope_decode_attention`, where it takes the shapes); False: `rope_cache_write`
+# then `decode_attention`, two launches, as before (benchmarks/e2e.py --fuse_rope measures both;
+# read when a step is first traced; every path through `block_step` follows it).
+FUSE_ROPE_ATTENTION = True
 
 # The resident loop fuses each block's last residual add with the next norm (`block_step`);
 # False: a separate norm launch after the add, as before (benchmarks/e2e.py --fuse_norm

@@ -327,3 +327,287 @@ def test_invalid_inputs_raise(kwargs, pattern):
         a = dict(args)
         with pytest.raises(InputError, match=pattern):
             fn(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("positions"), interpret=INTERPRET, **a)
+
+
+# ---------------------------------------------------------------------------------------------
+# rope_decode_attention: rotation, cache write and attention in one kernel.
+# ---------------------------------------------------------------------------------------------
+
+from ntransformer_jax.kernels import rope_cache as rc   # noqa: E402
+
+ROPE_HEADS = dict(HEADS, gqa4=(8, 2, 64))
+
+# (B, T, heads, S, stacked, cache dtype, n_rot, P, where row 0's tokens go, block sizes or None).
+# where: "start" (position 0), "end" (its last token at S - 1), "past" (it runs past the cache's
+# end: the write is clamped to the last T rows). Row 1, if any, starts elsewhere at random.
+ROPE_CASES = (
+    (1, 1, "llama8b", 40, True, jnp.float32, 128, 2, "end", None),           # 8B decode: rows
+    (2, 1, "llama8b", 96, False, jnp.bfloat16, 128, 4, "start",
+     at.BlockSizes(block_s=16, split_s=3)),
+    (2, 1, "mha", 16, True, jnp.float32, 64, 1, "past", None),
+    (2, 3, "gqa4", 37, True, jnp.float32, 32, 1, "end", None),               # 12 rows: dots
+    (1, 3, "mha", 50, False, jnp.float32, 16, 8, "start",
+     at.BlockSizes(block_s=16, split_s=4)),                                  # 3 rows: row loop
+    (2, 3, "gqa4", 24, False, jnp.bfloat16, 64, 2, "past", at.BlockSizes(block_s=16, split_s=2)),
+    (1, 8, "llama8b", 64, False, jnp.bfloat16, 128, 2, "end",
+     at.BlockSizes(block_s=32, split_s=2)),
+    (2, 8, "mha", 24, True, jnp.float32, 32, 1, "start", at.BlockSizes(block_s=16, split_s=2)),
+    (2, 8, "gqa4", 20, False, jnp.float32, 64, 4, "past", None),
+    (2, 1, "mha", 16, True, jnp.bfloat16, 64, 2, "end", at.BlockSizes(block_s=16, max_row_loop=0)),
+    (2, 2, "gqa4", 20, True, jnp.float32, 64, 1, "start",
+     at.BlockSizes(block_s=16, split_s=2, max_row_loop=8)),                  # 8 rows: row loop
+    (2, 3, "smollm", 30, True, jnp.float32, 64, 2, "end", None),             # G = 3 (no rope_cache)
+    (1, 1, "smollm", 30, False, jnp.float16, 32, 1, "past", at.BlockSizes(block_s=16, split_s=2)),
+)
+
+
+def _rope_case_id(case):
+    b, t, heads, s, stacked, dtype, rot, p, where, bs = case
+    name = f"B{b}-T{t}-{heads}-S{s}-{jnp.dtype(dtype).name}-rot{rot}-P{p}-{where}"
+    name += "-stacked" if stacked else ""
+    name += f"-split{bs.split_s}-bs{bs.block_s}" if bs else ""
+    return name + (f"-rowloop{bs.max_row_loop}" if bs and bs.max_row_loop != 4 else "")
+
+
+def rope_positions(rng, batch: int, t: int, s: int, where: str) -> np.ndarray:
+    """[B, T] int32 consecutive positions: row 0 as `where` says, the others at random."""
+    starts = rng.integers(0, s - t + 1, batch)
+    starts[0] = {"start": 0, "end": s - t, "past": s - t + 1 + int(rng.integers(0, 3))}[where]
+    return (starts[:, None] + np.arange(t)[None]).astype(np.int32)
+
+
+def first_rows(positions: np.ndarray, s: int) -> np.ndarray:
+    """The cache row of each batch row's first new token: clamp(positions[b, 0], 0, S - T)."""
+    return np.clip(positions[:, 0], 0, s - positions.shape[1])
+
+
+def rope_inputs(rng, batch, t, heads, s, stacked, rot, n_parts, where):
+    """parts, positions, inv_freq, and k, v caches (float32 numpy) whose rows from each batch
+    row's first new one on, and other layers of a stack, hold NaN, +-inf and huge values."""
+    n, k, h = ROPE_HEADS[heads]
+    parts = rng.standard_normal((n_parts, batch * t, (n + 2 * k) * h)).astype(np.float32)
+    pos = rope_positions(rng, batch, t, s, where)
+    inv_freq = (10000.0 ** (-np.arange(rot // 2) * 2.0 / rot)).astype(np.float32)
+    layer = int(rng.integers(N_LAYERS)) if stacked else None
+    lead = (N_LAYERS,) if stacked else ()
+    caches = []
+    for _ in range(2):
+        c = rng.standard_normal((*lead, batch, s, k, h)).astype(np.float32)
+        one = c if layer is None else c[layer]
+        for b, first in enumerate(first_rows(pos, s)):
+            one[b, first:] = rng.choice(POISON, one[b, first:].shape)
+        if layer is not None:
+            for i in range(N_LAYERS):
+                if i != layer:
+                    c[i] = rng.choice(POISON, c[i].shape)
+        caches.append(c)
+    return parts, pos, inv_freq, caches[0], caches[1], layer
+
+
+def as_f32(a) -> np.ndarray:
+    """A writable float32 numpy copy."""
+    return np.array(jnp.asarray(a).astype(jnp.float32))
+
+
+def written_attention64(q, k_cache, v_cache, positions, layer):
+    """float64 attention (out, scale) of q over a layer of a written cache, rows past each
+    batch row's last position zeroed (as decode_attention_reference does; none are visible)."""
+    k1, v1 = (as_f32(c) if layer is None else as_f32(c)[layer] for c in (k_cache, v_cache))
+    for b, last in enumerate(positions.max(axis=1)):
+        k1[b, last + 1:] = v1[b, last + 1:] = 0.0
+    return attention64(np.asarray(q), k1, v1, positions)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")   # 3e38 as float16: inf
+@pytest.mark.parametrize("batch,t,heads,s,stacked,dtype,rot,n_parts,where,block_sizes", ROPE_CASES,
+                         ids=[_rope_case_id(c) for c in ROPE_CASES])
+def test_rope_attention_matches_rope_cache_then_attention(seed, batch, t, heads, s, stacked,
+                                                          dtype, rot, n_parts, where, block_sizes):
+    """The fused kernel against rope_cache_write (the kernel; its jnp reference for heads the
+    kernel does not take) followed by decode_attention_reference: its whole returned caches
+    against rope_cache's (the new rows within rounding, every other entry bit for bit), its
+    attention against decode_attention_reference and float64 attention of rope_cache's q over
+    the cache it wrote (a new row summed in another order would be a few ulp of the partials
+    away: relative to a tiny value, more than the attention tolerance)."""
+    rng = np.random.default_rng(seed)
+    n, k, h = ROPE_HEADS[heads]
+    parts, pos, inv_freq, kc, vc, layer = rope_inputs(rng, batch, t, heads, s, stacked, rot,
+                                                      n_parts, where)
+    msg = f"seed={seed}, layer={layer}, positions={pos[:, 0].tolist()}"
+    kw = {} if layer is None else {"layer": jnp.int32(layer)}
+    args = lambda: (jnp.asarray(parts), jnp.asarray(pos), jnp.asarray(inv_freq),
+                    jnp.asarray(kc, dtype), jnp.asarray(vc, dtype))   # fresh: caches are donated
+
+    if rc.supports(t, n, k, h):
+        q, k_want, v_want = rc.rope_cache_write(*args(), n_head=n, n_kv_head=k,
+                                                interpret=INTERPRET, **kw)
+    else:
+        q, k_want, v_want = rc._write_reference(*args(), n_head=n, n_kv_head=k, layer=layer)
+    ref = at.rope_decode_attention_reference(*args(), n_head=n, n_kv_head=k, **kw)
+
+    attn, k_got, v_got = at.rope_decode_attention(*args(), n_head=n, n_kv_head=k,
+                                                  block_sizes=block_sizes, interpret=INTERPRET,
+                                                  **kw)
+    assert attn.dtype == jnp.float32 and attn.shape == (batch, t, n, h), msg
+    assert (k_got.dtype, k_got.shape, v_got.dtype, v_got.shape) == (jnp.dtype(dtype), kc.shape,
+                                                                    jnp.dtype(dtype), vc.shape)
+
+    # The attention: over the cache each wrote (the same, up to the rounding of the new rows,
+    # which the cache checks below bound), against float64 and decode_attention_reference.
+    got64, scale = written_attention64(q, k_got, v_got, pos, layer)
+    check_close(attn, got64, scale, f"kernel, {msg}")
+    attn_want = at.decode_attention_reference(q, k_got, v_got, jnp.asarray(pos), **kw)
+    check_close(attn, np.asarray(attn_want, np.float64), scale,
+                f"kernel vs decode_attention_reference, {msg}", rtol=2 * RTOL)
+    ref64, ref_scale = written_attention64(q, ref[1], ref[2], pos, layer)
+    check_close(ref[0], ref64, ref_scale, f"reference, {msg}", rtol=2 * RTOL)
+
+    # The caches: the new rows as rope_cache writes them, every other entry (poison included)
+    # exactly as it was.
+    written = np.zeros(kc.shape, bool)
+    for b, first in enumerate(first_rows(pos, s)):
+        written[(b, slice(first, first + t)) if layer is None
+                else (layer, b, slice(first, first + t))] = True
+    parts_scale = np.abs(parts).sum(0).max()
+    tol = (2e-6 if dtype == jnp.float32 else 1e-2) * parts_scale
+    for name, got, want, before, jnp_ref in (("k", k_got, k_want, kc, ref[1]),
+                                             ("v", v_got, v_want, vc, ref[2])):
+        got, want = as_f32(got), as_f32(want)
+        before = as_f32(jnp.asarray(before, dtype))
+        assert np.array_equal(got[~written], before[~written], equal_nan=True), (
+            f"{name} cache: rows that are not the new ones changed, {msg}")
+        assert np.isfinite(got[written]).all(), f"{name} cache: new rows not written, {msg}"
+        err = float(np.max(np.abs(got[written] - want[written])))
+        assert err <= tol, f"{name} cache: new rows off by {err:.3g} > {tol:.3g}, {msg}"
+        np.testing.assert_allclose(as_f32(jnp_ref), want, rtol=0, atol=tol,
+                                   err_msg=f"{name} cache of the reference, {msg}")
+
+
+@pytest.mark.parametrize("heads,t,block_sizes", [
+    ("gqa4", 3, at.BlockSizes(block_s=16, split_s=3)),
+    ("gqa4", 1, at.BlockSizes(block_s=16, split_s=3)),
+    ("mha", 2, at.BlockSizes(block_s=16, split_s=1, max_row_loop=0)),
+], ids=["dots-split3", "rows-split3", "dots-split1"])
+def test_rope_attention_writes_every_output_element(seed, heads, t, block_sizes):
+    """The raw outputs (every split's partials, empty splits included; the attention of a row
+    whose only keys are the new ones) start as NaN; none may stay."""
+    rng = np.random.default_rng(seed)
+    n, k, h = ROPE_HEADS[heads]
+    s = 40
+    parts, pos, inv_freq, kc, vc, _ = rope_inputs(rng, 2, t, heads, s, False, h, 2, "start")
+    p = at.plan((2, t, n, h), (2, s, k, h), block_sizes)
+    part = (2, t, k, n // k)
+    if block_sizes.split_s == 1:
+        poison = (jnp.full((*part, h), jnp.nan, jnp.float32),)
+    else:
+        lead = (block_sizes.split_s,)
+        poison = (jnp.full((*lead, *part, h), jnp.nan, jnp.float32),
+                  jnp.full((*lead, *part), jnp.nan, jnp.float32),
+                  jnp.full((*lead, *part), jnp.nan, jnp.float32))
+    *out, k_new, v_new = at._rope_launch(
+        jnp.asarray(parts), jnp.asarray(pos), rc.pair_freq(jnp.asarray(inv_freq), h),
+        jnp.asarray(kc), jnp.asarray(vc), p, n_head=n, interpret=INTERPRET, out_init=poison)
+    assert [o.shape for o in out] == [o.shape for o in poison]
+    for o in out:
+        assert not np.isnan(np.asarray(o)).any(), f"unwritten output elements, seed={seed}"
+    got = out[0] if len(out) == 1 else at.combine(*out)
+    want, _, _ = at.rope_decode_attention_reference(parts, pos, inv_freq, kc, vc, n_head=n,
+                                                    n_kv_head=k)
+    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-4, atol=1e-5,
+                               err_msg=f"seed={seed}")
+
+
+def test_rope_attention_is_one_launch_on_the_stacked_caches():
+    """With layer=, the stacked caches are operands of the one pallas_call, aliased to its
+    outputs: no slice, copy or update of a layer in XLA around it."""
+    n, k, h = ROPE_HEADS["llama8b"]
+    parts = jax.ShapeDtypeStruct((4, 1, (n + 2 * k) * h), jnp.float32)
+    cache = jax.ShapeDtypeStruct((4, 1, 4096, k, h), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda p, pos, f, kc, vc, i: at.rope_decode_attention(
+        p, pos, f, kc, vc, n_head=n, n_kv_head=k, layer=i))(
+        parts, jax.ShapeDtypeStruct((1, 1), jnp.int32), jax.ShapeDtypeStruct((64,), jnp.float32),
+        cache, cache, jax.ShapeDtypeStruct((), jnp.int32))
+    (jit_eqn,) = [e for e in jaxpr.eqns if "jaxpr" in e.params]
+    inner = jit_eqn.params["jaxpr"].jaxpr
+    calls = [e for e in inner.eqns if e.primitive.name == "pallas_call"]
+    assert len(calls) == 1
+    k_var, v_var = inner.invars[3], inner.invars[4]
+    assert k_var in calls[0].invars and v_var in calls[0].invars
+    aliased = {calls[0].invars[i] for i, _ in calls[0].params["input_output_aliases"]}
+    assert {k_var, v_var} <= aliased
+    prims = {e.primitive.name for e in inner.eqns}
+    copies = {"dynamic_slice", "dynamic_update_slice", "slice", "gather", "scatter"}
+    assert not prims & copies, prims
+
+
+def test_rope_self_test_passes():
+    at.rope_self_test.__wrapped__(8, 2, 64, interpret=INTERPRET)
+
+
+def _rope_args(n: int = 8, k: int = 2, h: int = 64, s: int = 16):
+    """Valid arguments of N = n heads over K = k KV heads of size h, a cache of s positions."""
+    args = dict(parts=jnp.zeros((2, 2, (n + 2 * k) * h), jnp.float32),
+                positions=jnp.zeros((2, 1), jnp.int32), inv_freq=jnp.zeros((h // 2,), jnp.float32),
+                k=jnp.zeros((2, s, k, h), jnp.float32), v=jnp.zeros((2, s, k, h), jnp.float32),
+                n_head=n, n_kv_head=k)
+    return args
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(positions=jnp.zeros((2, 9), jnp.int32), parts=jnp.zeros((2, 18, 768))),
+     r"T=9 new tokens; rope_decode_attention serves 1 to 8"),
+    (dict(positions=jnp.zeros((2, 0), jnp.int32)), r"T=0 new tokens"),
+    (dict(positions=jnp.zeros((2, 4), jnp.int32), parts=jnp.zeros((2, 8, 768)), seq=3),
+     r"4 new tokens do not fit a cache of 3 positions"),
+    (dict(positions=jnp.zeros((3, 1), jnp.int32)),
+     r"positions must be \[B=2, T\], got shape \[3, 1\]"),
+    (dict(positions=jnp.zeros((2,), jnp.int32)), r"positions must be \[B=2, T\], got shape \[2\]"),
+    (dict(positions=jnp.zeros((2, 1), jnp.float32)), r"positions must be integers, got float32"),
+    (dict(n_kv_head=4), r"caches have 2 KV heads, expected n_kv_head=4"),
+    (dict(n_head=7, parts=jnp.zeros((2, 2, 11 * 64))), r"n_head=7 is not a positive multiple of"
+     r" n_kv_head=2"),
+    (dict(parts=jnp.zeros((3, 2, 768))), r"parts must be float32 \[P, 2, 768\] with P a power of"
+     r" two, got float32 \[3, 2, 768\]"),
+    (dict(parts=jnp.zeros((2, 2, 640))), r"parts must be float32 \[P, 2, 768\]"),
+    (dict(parts=jnp.zeros((2, 2, 768), jnp.bfloat16)), r"parts must be float32 .* got bfloat16"),
+    (dict(inv_freq=jnp.zeros((33,), jnp.float32)),
+     r"inv_freq must be \[R\] with 2 R <= head_dim=64"),
+    (dict(k=jnp.zeros((2, 16, 2, 64), jnp.int32), v=jnp.zeros((2, 16, 2, 64), jnp.int32)),
+     r"k_cache must be float32, bfloat16 or float16, got int32"),
+    (dict(v=jnp.zeros((2, 17, 2, 64))), r"k_cache float32 \[2, 16, 2, 64\] and v_cache float32"
+     r" \[2, 17, 2, 64\] differ"),
+    (dict(layer=jnp.int32(0)), r"k_cache must be \[L, B, S, K, H\] \(stacked, with layer=\)"),
+    (dict(k=jnp.zeros((3, 2, 16, 2, 64)), v=jnp.zeros((3, 2, 16, 2, 64)), layer=jnp.float32(1)),
+     r"layer must be an integer scalar, got float32"),
+    (dict(head=96, parts=jnp.zeros((2, 2, 12 * 96))),
+     r"head_dim H=96 must be a power of two >= 16"),
+    (dict(block_sizes=at.BlockSizes(block_s=8)), r"block_s=8 must be a power of two >= 16"),
+    (dict(block_sizes=at.BlockSizes(split_s=0)), r"split_s=0 must be a positive integer"),
+])
+def test_rope_attention_invalid_inputs_raise(kwargs, pattern):
+    """The kernel and (but for what only the kernel cannot take: H, tiling) the reference reject
+    bad shapes and dtypes with a message naming the value, before anything runs."""
+    kwargs = dict(kwargs)
+    a = _rope_args(h=kwargs.pop("head", 64), s=kwargs.pop("seq", 16))
+    a.update(kwargs)
+    kernel_only = "block_sizes" in kwargs or pattern.startswith("head_dim")
+    fns = [at.rope_decode_attention] + ([] if kernel_only else [at.rope_decode_attention_reference])
+    for fn in fns:
+        b = dict(a)
+        args = [b.pop(x) for x in ("parts", "positions", "inv_freq", "k", "v")]
+        with pytest.raises(InputError, match=pattern) as info:
+            fn(*args, interpret=INTERPRET, **b)
+        assert "\n" not in str(info.value)
+
+
+def test_rope_attention_refuses_one_buffer_for_both_caches():
+    a = _rope_args()
+    with pytest.raises(InputError, match="same array"):
+        at.rope_decode_attention(a["parts"], a["positions"], a["inv_freq"], a["k"], a["k"],
+                                 n_head=8, n_kv_head=2, interpret=INTERPRET)
+
+
+def test_rope_supports():
+    assert at.supports_rope(1, 32, 8, 128, 4) and at.supports_rope(8, 9, 3, 64)
+    assert not at.supports_rope(9, 32, 8, 128) and not at.supports_rope(1, 32, 8, 128, 3)
+    assert not at.supports_rope(1, 32, 8, 96) and not at.supports_rope(1, 30, 8, 128)

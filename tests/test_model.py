@@ -210,6 +210,28 @@ def test_kernels_fall_back_to_xla_when_they_cannot_run(tiny_quantized, monkeypat
         nt.load(path, ctx_size=32, kernels="on")
 
 
+def test_fused_rope_falls_back_to_two_kernels(tiny_quantized, monkeypatch, caplog):
+    """Where the fused rope + attention kernel fails its self-test, only the fusion is turned off:
+    the engine keeps its kernels (rope_cache_write then decode_attention)."""
+    from ntransformer_jax import engine as engine_mod
+    from ntransformer_jax.kernels import attention
+    monkeypatch.setattr(engine_mod, "_kernel_mode", lambda kernels, device: (
+        "off" if kernels == "off" else "interpret"))
+    monkeypatch.setattr(M, "FUSE_ROPE_ATTENTION", True)
+    def broken(*args, **kwargs):
+        raise RuntimeError("triton: cannot lower the fused kernel")
+    monkeypatch.setattr(attention, "rope_self_test", broken)
+    path = tiny_quantized("Q4_0")
+    engine = nt.load(path, ctx_size=32, kernels="auto")
+    if not attention.supports_rope(1, engine.config.n_head, engine.config.n_kv_head,
+                                   engine.config.head_dim):
+        pytest.skip("the tiny model's heads do not take the fused kernel")
+    assert engine.kernels == "interpret" and not M.FUSE_ROPE_ATTENTION
+    assert "cannot lower the fused kernel" in caplog.text
+    ids = np.random.default_rng().integers(0, engine.config.n_vocab, 6)
+    _check(engine.logits(ids), Float64Llama(path).logits(ids), max_rel=1e-4, min_top1=1.0)
+
+
 def test_kernel_path_on_tiered_placement(tiny_quantized):
     """Tiers A and B hold matrices repacked at load, tier C (disk) the file's layout, repacked on
     the device after each copy: the per-layer block takes the kernels for both, and logits agree
@@ -273,3 +295,97 @@ def test_fused_next_norm_equals_separate_norm(tiny_quantized, monkeypatch):
     finally:
         jax.clear_caches()
     np.testing.assert_allclose(apart, fused, rtol=0, atol=1e-6 * np.abs(fused).max())
+
+
+def _spy(monkeypatch, module, name: str, calls: list) -> None:
+    """Record each call of module.name (at trace time, under jit) in `calls`."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("stacked", [False, True], ids=["layer-cache", "stacked-cache"])
+def test_block_step_fused_rope_attention_equals_two_kernels(stacked, t, tiny_quantized,
+                                                            monkeypatch):
+    """`block_step` with `model.FUSE_ROPE_ATTENTION` (rotation, cache write and attention in
+    one launch) gives the outputs and the cache of rope_cache_write then decode_attention, for
+    a layer's own cache and a stacked one, two batch rows (one ending at the cache's end)."""
+    from ntransformer_jax.kernels import attention as attention_kernel, rope_cache
+    engine = nt.load(tiny_quantized("Q8_0"), ctx_size=24, kernels="interpret")
+    cfg, seg = engine.config, engine.segments[0]
+    assert seg.attn_k is None and seg.attn_q.kernel == "interpret"   # q/k/v fused and packed
+    i, s, b = 1, 24, 2
+    layer = jnp.int32(i)
+    rng = np.random.default_rng()
+    pos = jnp.asarray([5, s - t], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((b, t, cfg.n_embd)), jnp.float32)
+    h = M.rms_norm(x, seg.attn_norm[i], cfg.rms_eps)
+    lead = (engine.segment_sizes[0],) if stacked else ()
+    kv = rng.standard_normal((2, *lead, b, s, cfg.n_kv_head, cfg.head_dim)).astype(np.float32)
+    if stacked:
+        w = M.LayerWeights(*(v.entry(layer) if isinstance(v, QTensor) else v for v in seg))
+        kw, next_norm = dict(layer=layer, norms_stacked=True), engine.next_norms[0]
+    else:
+        w = M.LayerWeights(*(v.entry(layer).unstacked() if isinstance(v, QTensor)
+                             else None if v is None else v[i] for v in seg))
+        kw, next_norm = {}, engine.next_norms[0][i]
+
+    def run(fuse: bool):
+        monkeypatch.setattr(M, "FUSE_ROPE_ATTENTION", fuse)   # read when traced: a new jit
+        calls = []
+        _spy(monkeypatch, attention_kernel, "rope_decode_attention", calls)
+        _spy(monkeypatch, rope_cache, "rope_cache_write", calls)
+        step = jax.jit(lambda x, h, k, v: M.block_step(cfg, w, x, h, M.KVCache(k, v), pos,
+                                                       engine.globals.rope_inv_freq, next_norm,
+                                                       **kw))
+        out = step(x, h, jnp.asarray(kv[0]), jnp.asarray(kv[1]))
+        monkeypatch.undo()
+        return calls, [np.asarray(a) for a in (out[0], out[1], *out[2])]
+
+    fused_calls, fused = run(True)
+    apart_calls, apart = run(False)
+    assert fused_calls == ["rope_decode_attention"] and apart_calls == ["rope_cache_write"]
+    # The attention differs in rounding (the new keys are a softmax block of their own); the
+    # o projection rounds its x to 16 bits a block (qmatvec's integer path), which can turn a
+    # last-bit difference into a quantization step. The caches' new rows are the same sums.
+    for name, got, want, tol in zip(("x", "h", "k cache", "v cache"), fused, apart,
+                                    (1e-4, 1e-4, 1e-6, 1e-6)):
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max(),
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("tiers", [{}, dict(max_vram_layers=1, max_ram_layers=0),
+                                   dict(max_vram_layers=1, max_ram_layers=1, draft_model="self",
+                                        draft_k=3)],
+                         ids=["resident", "layered", "self-draft"])
+def test_fused_rope_attention_end_to_end(tiers, tiny_quantized, monkeypatch):
+    """The resident loop, the layered path and a speculative self-draft (verification passes
+    of 4 tokens) take the fused kernel with `model.FUSE_ROPE_ATTENTION`, and give the logits
+    and greedy tokens of the two-kernel path."""
+    from ntransformer_jax.kernels import attention as attention_kernel
+    path = tiny_quantized("Q8_0")
+    ids = np.random.default_rng().integers(0, 500, 5)                    # one 5-token pass
+    greedy = SamplingParams(temperature=0.0)
+
+    def run(fuse: bool):
+        monkeypatch.setattr(M, "FUSE_ROPE_ATTENTION", fuse)
+        calls = []
+        _spy(monkeypatch, attention_kernel, "rope_decode_attention", calls)
+        jax.clear_caches()              # read when traced
+        engine = nt.load(path, ctx_size=32, kernels="interpret", **tiers)
+        logits = engine.logits(ids)
+        tokens = list(engine.generate_tokens([int(i) for i in ids[:3]], max_new_tokens=6,
+                                             params=greedy))
+        if "draft_model" in tiers:
+            assert engine.spec_stats.drafted > 0
+        return calls, logits, tokens
+
+    try:
+        fused_calls, fused, fused_tokens = run(True)
+        apart_calls, apart, apart_tokens = run(False)
+    finally:
+        jax.clear_caches()
+    assert fused_calls and not apart_calls
+    np.testing.assert_allclose(fused, apart, rtol=0, atol=1e-4 * np.abs(apart).max())
+    assert fused_tokens == apart_tokens

@@ -9,7 +9,8 @@ same signature.
 - `rope_cache`: q/k/v partial sums added, q and k rotated, k and v written into the cache in
   place, in one launch; `from ntransformer_jax.kernels.rope_cache import rope_cache_write`.
 - `attention`: causal GQA decode attention over the (stacked) KV cache in one launch;
-  `from ntransformer_jax.kernels.attention import decode_attention, BlockSizes`.
+  `from ntransformer_jax.kernels.attention import decode_attention, BlockSizes`;
+  `rope_decode_attention` also does `rope_cache`'s work in the same launch.
 
 Nothing is re-exported here: a function `qmatvec` in this namespace would shadow its module.
 """

@@ -47,6 +47,19 @@ def supports(n_tokens: int, n_head: int, n_kv_head: int, head_dim: int) -> bool:
             and head_dim >= 4 and _is_pow2(head_dim))
 
 
+def rotate_pairs(x0: jax.Array, x1: jax.Array, angle: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The pairs (x0, x1) rotated by `angle` (broadcast against them), in float32 as
+    `model.apply_rope` does: (x0 cos - x1 sin, x0 sin + x1 cos). Also used inside kernels."""
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    return x0 * cos - x1 * sin, x0 * sin + x1 * cos
+
+
+def pair_freq(inv_freq: jax.Array, head_dim: int) -> jax.Array:
+    """inv_freq [R] padded with zeros to [H / 2] float32: pairs past R (partial rotary) get
+    frequency 0, which leaves them unchanged."""
+    return jnp.pad(inv_freq.astype(jnp.float32), (0, head_dim // 2 - inv_freq.shape[0]))
+
+
 def _kernel(*refs, n_head: int, n_kv_head: int, n_tokens: int, seq_len: int, stacked: bool):
     """refs: [layer [1]], positions [B, T], freq [H/2], parts [P, B*T, N+2K, H/2, 2], then the
     outputs q [B*T, N, H/2, 2] and the k and v caches [(L,) B, S, K, H/2, 2]."""
@@ -58,8 +71,7 @@ def _kernel(*refs, n_head: int, n_kv_head: int, n_tokens: int, seq_len: int, sta
     b, t = pl.program_id(0), pl.program_id(1)
     row = b * n_tokens + t
     pos = pos_ref[b, t]
-    angle = pos.astype(jnp.float32) * freq_ref[...]          # [H/2]
-    cos, sin = jnp.cos(angle)[None, :], jnp.sin(angle)[None, :]
+    angle = (pos.astype(jnp.float32) * freq_ref[...])[None, :]   # [1, H/2]
 
     def pair(start, count):
         """The summed even and odd members [count, H/2] of heads [start, start + count)."""
@@ -67,8 +79,7 @@ def _kernel(*refs, n_head: int, n_kv_head: int, n_tokens: int, seq_len: int, sta
         return half(0), half(1)
 
     def rotated(start, count):
-        x0, x1 = pair(start, count)
-        return x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        return rotate_pairs(*pair(start, count), angle)
 
     q0, q1 = rotated(0, n_head)
     q_out[row, :, :, 0] = q0
@@ -104,6 +115,14 @@ def _check(parts, positions, inv_freq, k_cache, v_cache, n_head, n_kv_head, laye
                          f" counts and size; got T={n_tokens}, {n_head=}, {n_kv_head=}, {head_dim=}")
     if n_tokens > seq_len:
         raise InputError(f"{n_tokens} new tokens do not fit a cache of {seq_len} positions")
+    check_parts(parts, inv_freq, batch, n_tokens, n_head, n_kv_head, head_dim)
+
+
+def check_parts(parts, inv_freq, batch: int, n_tokens: int, n_head: int, n_kv_head: int,
+                head_dim: int) -> None:
+    """The q/k/v partial sums [P, B * T, (N + 2 K) * H] (float32, P a power of two) and the
+    frequencies [R], 2 R <= H, of T new tokens of B rows (`attention.rope_decode_attention`
+    takes them too)."""
     width = (n_head + 2 * n_kv_head) * head_dim
     if (parts.ndim != 3 or parts.shape[1:] != (batch * n_tokens, width)
             or parts.dtype != jnp.float32 or not _is_pow2(parts.shape[0])):
@@ -151,7 +170,7 @@ def _rope_cache_write(parts: jax.Array, positions: jax.Array, inv_freq: jax.Arra
     batch, seq_len, _, head_dim = k_cache.shape[-4:]
     n_tokens = positions.shape[1]
     half = head_dim // 2
-    freq = jnp.zeros((half,), jnp.float32).at[: inv_freq.shape[0]].set(inv_freq.astype(jnp.float32))
+    freq = pair_freq(inv_freq, head_dim)
     pairs = lambda a: a.reshape(*a.shape[:-1], half, 2)
     parts = parts.reshape(parts.shape[0], batch * n_tokens, n_head + 2 * n_kv_head, half, 2)
     whole = lambda a: pl.BlockSpec(a.shape, lambda b, t: (0,) * a.ndim)
@@ -186,8 +205,15 @@ def rope_cache_write_reference(parts: jax.Array, positions: jax.Array, inv_freq:
     """Plain-jnp `rope_cache_write` (same signature; `interpret` is ignored), built from the
     model's own rotation and the dynamic-update-slice the XLA path uses."""
     del interpret
-    from ntransformer_jax.model import apply_rope
     _check(parts, positions, inv_freq, k_cache, v_cache, n_head, n_kv_head, layer)
+    return _write_reference(parts, positions, inv_freq, k_cache, v_cache, n_head=n_head,
+                            n_kv_head=n_kv_head, layer=layer)
+
+
+def _write_reference(parts, positions, inv_freq, k_cache, v_cache, *, n_head: int,
+                     n_kv_head: int, layer=None):
+    """`rope_cache_write_reference` without its checks (any head counts)."""
+    from ntransformer_jax.model import apply_rope
     batch, _, _, head_dim = k_cache.shape[-4:]
     n_tokens = positions.shape[1]
     qkv = jnp.sum(parts, axis=0).reshape(batch, n_tokens, n_head + 2 * n_kv_head, head_dim)
