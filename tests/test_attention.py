@@ -78,6 +78,16 @@ def random_positions(rng: np.random.Generator, batch: int, t: int, s: int) -> np
     return np.asarray(rows, np.int32)
 
 
+def nan_outputs(part: tuple[int, ...], h: int, split_s: int) -> tuple[jax.Array, ...]:
+    """NaN buffers shaped like a launch's raw outputs: o [B, T, K, G, H], or with split_s > 1
+    the partials acc [split, B, T, K, G, H], m and l [split, B, T, K, G]."""
+    if split_s == 1:
+        return (jnp.full((*part, h), jnp.nan, jnp.float32),)
+    return (jnp.full((split_s, *part, h), jnp.nan, jnp.float32),
+            jnp.full((split_s, *part), jnp.nan, jnp.float32),
+            jnp.full((split_s, *part), jnp.nan, jnp.float32))
+
+
 def random_inputs(rng, batch, t, heads, s, stacked):
     """q, clean k, v caches ([L, B, S, K, H] if stacked, else [B, S, K, H]) and positions."""
     n, k, h = HEADS[heads]
@@ -219,14 +229,7 @@ def test_every_output_element_is_written(seed, heads, t, block_sizes):
     p = at.plan(q.shape, kc.shape, block_sizes)
     assert p.row_loop == (t == 1)
     n, k, h = HEADS[heads]
-    part = (2, t, k, n // k)
-    if block_sizes.split_s == 1:
-        poison = (jnp.full((*part, h), jnp.nan, jnp.float32),)
-    else:
-        lead = (block_sizes.split_s,)
-        poison = (jnp.full((*lead, *part, h), jnp.nan, jnp.float32),
-                  jnp.full((*lead, *part), jnp.nan, jnp.float32),
-                  jnp.full((*lead, *part), jnp.nan, jnp.float32))
+    poison = nan_outputs((2, t, k, n // k), h, block_sizes.split_s)
     out = at._launch(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), jnp.asarray(pos), p,
                      interpret=INTERPRET, out_init=poison)
     assert [o.shape for o in out] == [o.shape for o in poison]
@@ -496,14 +499,7 @@ def test_rope_attention_writes_every_output_element(seed, heads, t, block_sizes)
     s = 40
     parts, pos, inv_freq, kc, vc, _ = rope_inputs(rng, 2, t, heads, s, False, h, 2, "start")
     p = at.plan((2, t, n, h), (2, s, k, h), block_sizes)
-    part = (2, t, k, n // k)
-    if block_sizes.split_s == 1:
-        poison = (jnp.full((*part, h), jnp.nan, jnp.float32),)
-    else:
-        lead = (block_sizes.split_s,)
-        poison = (jnp.full((*lead, *part, h), jnp.nan, jnp.float32),
-                  jnp.full((*lead, *part), jnp.nan, jnp.float32),
-                  jnp.full((*lead, *part), jnp.nan, jnp.float32))
+    poison = nan_outputs((2, t, k, n // k), h, block_sizes.split_s)
     *out, k_new, v_new = at._rope_launch(
         jnp.asarray(parts), jnp.asarray(pos), rc.pair_freq(jnp.asarray(inv_freq), h),
         jnp.asarray(kc), jnp.asarray(vc), p, n_head=n, interpret=INTERPRET, out_init=poison)
