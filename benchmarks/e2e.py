@@ -42,7 +42,7 @@ flags.DEFINE_list("fuse_x", ["on"], "qmatvec.FUSE_X for each run (on: the decode
 flags.DEFINE_list("norm_warps", ["0"], "norm.NUM_WARPS for each run (0: the kernel's default).")
 flags.DEFINE_list("fuse_norm", ["on"], "model.FUSE_NORM for each run (on: a block's last residual "
                   "add and the next norm in one launch; off: two).")
-flags.DEFINE_list("fuse_rope", ["on"], "model.FUSE_ROPE_ATTENTION for each run (on: a layer's q/k "
+flags.DEFINE_list("fuse_rope", ["off"], "model.FUSE_ROPE_ATTENTION for each run (on: a layer's q/k "
                   "rotation, cache write and attention in one launch; off: two).")
 flags.DEFINE_list("shape_tiles", ["on"], "qmatvec.SHAPE_TILES for each run (on: the per-shape "
                   "decode tiles of qmatvec.SHAPE_TUNED; off: the per-type defaults alone).")
