@@ -193,6 +193,13 @@ def test_bfloat16_cache_and_layer_traced_in_fori_loop(seed):
         check_close(outs[i], want64, scale, f"layer {i}, seed={seed}")
 
 
+def jitted_pallas_calls(jaxpr):
+    """The one jit inside `jaxpr` (a wrapper's) and the pallas_call equations in its body."""
+    (jit_eqn,) = [e for e in jaxpr.eqns if "jaxpr" in e.params]
+    inner = jit_eqn.params["jaxpr"].jaxpr
+    return inner, [e for e in inner.eqns if e.primitive.name == "pallas_call"]
+
+
 def test_stacked_cache_goes_to_the_kernel_unsliced():
     """With layer=, the stacked caches are operands of the pallas_call itself: no XLA slice
     (a copy of the layer) in between."""
@@ -201,9 +208,7 @@ def test_stacked_cache_goes_to_the_kernel_unsliced():
     pos = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda q, k, v, p, i: at.decode_attention(q, k, v, p, layer=i))(
         q, cache, cache, pos, jax.ShapeDtypeStruct((), jnp.int32))
-    (jit_eqn,) = [e for e in jaxpr.eqns if "jaxpr" in e.params]
-    inner = jit_eqn.params["jaxpr"].jaxpr
-    calls = [e for e in inner.eqns if e.primitive.name == "pallas_call"]
+    inner, calls = jitted_pallas_calls(jaxpr)
     assert len(calls) == 1
     k_var, v_var = inner.invars[1], inner.invars[2]
     assert k_var in calls[0].invars and v_var in calls[0].invars
@@ -523,9 +528,7 @@ def test_rope_attention_is_one_launch_on_the_stacked_caches():
         p, pos, f, kc, vc, n_head=n, n_kv_head=k, layer=i))(
         parts, jax.ShapeDtypeStruct((1, 1), jnp.int32), jax.ShapeDtypeStruct((64,), jnp.float32),
         cache, cache, jax.ShapeDtypeStruct((), jnp.int32))
-    (jit_eqn,) = [e for e in jaxpr.eqns if "jaxpr" in e.params]
-    inner = jit_eqn.params["jaxpr"].jaxpr
-    calls = [e for e in inner.eqns if e.primitive.name == "pallas_call"]
+    inner, calls = jitted_pallas_calls(jaxpr)
     assert len(calls) == 1
     k_var, v_var = inner.invars[3], inner.invars[4]
     assert k_var in calls[0].invars and v_var in calls[0].invars
