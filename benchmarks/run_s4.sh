@@ -1,8 +1,8 @@
 #!/bin/bash
 # Session-4 resident-path run (one device call): compiled tests of the decode kernels, then the
 # 8B profile and llama-bench-like e2e figures. Results under $OUT. See BUILD.md for the prefix.
-#   STEPS="tests kmtest kbench qmmtest qmmbench iprobe pinprobe check ident profile e2e variants tiers q6k disk4 big" \
-#   QUANTS="Q8_0 Q4_0" PREFILL=on,off NORM_WARPS=0,16 FUSE_NORM=on,off SHAPE_TILES=on,off \
+#   STEPS="tests rope kmtest kbench qmmtest qmmbench iprobe pinprobe check ident profile e2e variants tiers q6k disk4 big" \
+#   QUANTS="Q8_0 Q4_0" FUSE_ROPE=on,off PREFILL=on,off NORM_WARPS=0,16 FUSE_NORM=on,off SHAPE_TILES=on,off \
 #   bash benchmarks/run_s4.sh
 set -u
 OUT=${OUT:-/tmp/out}
@@ -16,6 +16,10 @@ if [[ $STEPS == *tests* ]]; then
         2>&1 | tail -2
     KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
         -k "glu or stacked or self_test or shape_tuned" 2>&1 | tail -2
+fi
+if [[ $STEPS == *rope* ]]; then   # the fused RoPE + cache write + attention kernel compiled
+    KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py -k rope \
+        2>&1 | tail -4
 fi
 if [[ $STEPS == *kmtest* ]]; then  # the decode kernels compiled, the types of KTYPES (pytest -k)
     KERNELS_INTERPRET=0 timeout ${KT_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
@@ -65,7 +69,7 @@ if [[ $STEPS == *e2e* ]]; then
     for q in $QUANTS; do
         timeout 300 python3 benchmarks/e2e.py --shape "$SHAPE" --quant "$q" --kernels auto --matmul bf16 \
             --prefill_kernel ${PREFILL:-off} --fuse_x ${FUSE:-on} --norm_warps ${NORM_WARPS:-0} --fuse_norm ${FUSE_NORM:-on} --shape_tiles ${SHAPE_TILES:-on} \
-            --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
+            --fuse_rope ${FUSE_ROPE:-off} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
     done
 fi
 if [[ $STEPS == *tiers* ]]; then     # issue 4: spread vs index order, mmap baseline, small RAM budget
@@ -88,5 +92,6 @@ if [[ $STEPS == *ident* ]]; then    # placement identity with the compiled kerne
 fi
 if [[ $STEPS == *big* ]]; then       # 70B Q4_0 resident (40 GB): pp512 / tg128
     timeout 500 python3 benchmarks/e2e.py --shape 70b --quant Q4_0 --kernels auto --matmul bf16 \
-        --prefill_kernel ${PREFILL:-off} --fuse_x ${FUSE:-on} --norm_warps ${NORM_WARPS:-0} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
+        --prefill_kernel ${PREFILL:-off} --fuse_x ${FUSE:-on} --norm_warps ${NORM_WARPS:-0} --fuse_rope ${FUSE_ROPE:-off} \
+        --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
 fi
