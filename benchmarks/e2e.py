@@ -104,7 +104,8 @@ def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
     res["prefill_kernel"] = prefill_kernel
     res["fuse_x"] = qmatvec.FUSE_X   # as the load's self-test left it
     res["norm_warps"] = norm_warps or "default"
-    res["fuse_norm"], res["shape_tiles"], res["fuse_rope"] = fuse_norm, shape_tiles, fuse_rope
+    res["fuse_norm"], res["shape_tiles"] = fuse_norm, shape_tiles
+    res["fuse_rope"] = model.FUSE_ROPE_ATTENTION   # as the load's self-test left it
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, min(eng.config.n_vocab, 30000), FLAGS.pp).tolist()

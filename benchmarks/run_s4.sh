@@ -69,7 +69,7 @@ if [[ $STEPS == *e2e* ]]; then
     for q in $QUANTS; do
         timeout 300 python3 benchmarks/e2e.py --shape "$SHAPE" --quant "$q" --kernels auto --matmul bf16 \
             --prefill_kernel ${PREFILL:-off} --fuse_x ${FUSE:-on} --norm_warps ${NORM_WARPS:-0} --fuse_norm ${FUSE_NORM:-on} --shape_tiles ${SHAPE_TILES:-on} \
-            --fuse_rope ${FUSE_ROPE:-off} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
+            --fuse_rope ${FUSE_ROPE:-off} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep --line-buffered "tg128"
     done
 fi
 if [[ $STEPS == *tiers* ]]; then     # issue 4: spread vs index order, mmap baseline, small RAM budget
@@ -93,5 +93,5 @@ fi
 if [[ $STEPS == *big* ]]; then       # 70B Q4_0 resident (40 GB): pp512 / tg128
     timeout 500 python3 benchmarks/e2e.py --shape 70b --quant Q4_0 --kernels auto --matmul bf16 \
         --prefill_kernel ${PREFILL:-off} --fuse_x ${FUSE:-on} --norm_warps ${NORM_WARPS:-0} --fuse_rope ${FUSE_ROPE:-off} \
-        --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep "tg128"
+        --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep --line-buffered "tg128"
 fi
