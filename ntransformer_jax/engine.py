@@ -22,7 +22,7 @@ import numpy as np
 
 from ntransformer_jax import model as M
 from ntransformer_jax.kernels import attention, norm, qmatvec, rope_cache
-from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError
+from ntransformer_jax.errors import InputError, ModelFileError, NTransformerError, one_line
 from ntransformer_jax.model_file import LAYER_TENSORS, LlamaConfig, ModelFile, TensorInfo
 from ntransformer_jax.sampling import SamplingParams, sample
 from ntransformer_jax.speculative import (ResidentLayersDraft, SpeculativeStats, check_compatible,
@@ -266,7 +266,7 @@ class Engine:
             if norm.supports(1, cfg.n_embd):
                 norm.self_test(cfg.n_embd, interpret=interpret)
         except Exception as e:   # noqa: BLE001 -- any compile or runtime failure means "no kernels"
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            reason = one_line(e)
             if explicit:
                 raise NTransformerError(f"the decode kernels do not run here ({reason})") from e
             logging.warning("decode kernels unavailable (%s); using XLA", reason)
@@ -279,7 +279,7 @@ class Engine:
         try:
             attention.rope_self_test(cfg.n_head, cfg.n_kv_head, cfg.head_dim, interpret=interpret)
         except Exception as e:   # noqa: BLE001 -- any failure: keep rope_cache + decode_attention
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            reason = one_line(e)
             logging.warning("the fused rope + attention kernel fails here (%s); using two"
                             " kernels", reason)
             M.FUSE_ROPE_ATTENTION = False

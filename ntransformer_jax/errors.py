@@ -11,3 +11,10 @@ class ModelFileError(NTransformerError):
 
 class InputError(NTransformerError):
     """An argument or option has a value that makes no sense (prompt too long, bad budget, ...)."""
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` (cut at `limit` characters), for warnings that name
+    why a fallback was taken."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text.strip() else ''}"

@@ -68,7 +68,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ntransformer_jax import quants
-from ntransformer_jax.errors import InputError, NTransformerError
+from ntransformer_jax.errors import InputError, NTransformerError, one_line
 
 T = gguf.GGMLQuantizationType
 HIGHEST = lax.Precision.HIGHEST
@@ -1366,7 +1366,7 @@ def self_test(qtype: gguf.GGMLQuantizationType, interpret: bool = False) -> None
             _check_kernel(qtype, interpret, int_dot=True, fuse_x=True)
             return
         except Exception as e:   # noqa: BLE001 -- any failure: try x quantized by the wrapper
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            reason = one_line(e)
             try:
                 _check_kernel(qtype, interpret, int_dot=True, fuse_x=False)
             except Exception:   # noqa: BLE001 -- the integer path fails too: try the float path
@@ -1382,7 +1382,7 @@ def self_test(qtype: gguf.GGMLQuantizationType, interpret: bool = False) -> None
             _check_kernel(qtype, interpret, int_dot=True, fuse_x=False)
             return
         except Exception as e:   # noqa: BLE001 -- any failure: try the float path
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            reason = one_line(e)
             _check_kernel(qtype, interpret, int_dot=False)
             logging.warning("qmatvec: the integer path fails for %s (%s); using the float path",
                             qtype.name, reason)
