@@ -364,6 +364,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run the coordinate descent at M = 8 (default: carry-over only)")
     p.add_argument("--no_fuse_x", action="store_true",
                    help="defaults with x quantized by XLA before each launch (qmatvec.FUSE_X off)")
+    p.add_argument("--fuse_x_rows", type=int, default=None,
+                   help="set qmatvec.FUSE_X_MAX_ROWS: the most x rows the kernel quantizes itself")
     p.add_argument("--m", default=",".join(map(str, M_ROWS)),
                    help="comma-separated x row counts (default 1,8; the first gets the descent)")
     p.add_argument("--candidates", default="",
@@ -392,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     m_rows = args.m
     if args.no_fuse_x:
         qm.FUSE_X = False
+    if args.fuse_x_rows is not None:
+        qm.FUSE_X_MAX_ROWS = args.fuse_x_rows
     t_start = time.perf_counter()
     types = sorted(qm.SUPPORTED_TYPES, key=lambda t: t.name)
     if args.types:
@@ -419,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                                card=dev.device_kind, backend=jax.default_backend(),
                                interpret=args.smoke, hbm_read_gbps=ceiling, rtol=RTOL,
                                budget_s=args.budget_s, unroll=args.unroll, repeats=args.repeats,
+                               fuse_x=qm.FUSE_X, fuse_x_max_rows=qm.FUSE_X_MAX_ROWS,
                                types=[t.name for t in types])
     print(f"{dev.device_kind} jax {jax.__version__}: HBM read ceiling {ceiling:.0f} GB/s", flush=True)
     bench = Bench(args, ceiling)

@@ -239,12 +239,13 @@ def analyse(sass: str, ptx: str, bs, loop_ops=("HGMMA", "HMMA")) -> dict:
 
 def parse_config(text: str, kernel: str = "qmatmul"):
     """qmatmul: `qtype:block_m:block_n:block_k:num_warps:num_stages`; qmatvec:
-    `qtype:block_n:block_k:num_warps:num_stages:int|float` (the last field: `int_dot`)."""
+    `qtype:block_n:block_k:num_warps:num_stages:int|float[:xla_x]` (`int_dot`; `xla_x`: fuse_x
+    off, x quantized by the wrapper)."""
     if kernel == "qmatvec":
         from ntransformer_jax.kernels.qmatvec import BlockSizes as VecSizes
-        q, bn, bk, nw, ns, path = text.split(":")
+        q, bn, bk, nw, ns, path, *x = text.split(":")
         return q, VecSizes(block_n=int(bn), block_k=int(bk), num_warps=int(nw),
-                           num_stages=int(ns), int_dot=path == "int")
+                           num_stages=int(ns), int_dot=path == "int", fuse_x=x != ["xla_x"])
     from ntransformer_jax.kernels.qmatmul import BlockSizes
     q, bm, bn, bk, nw, ns = text.split(":")
     return q, BlockSizes(block_m=int(bm), block_n=int(bn), block_k=int(bk), num_warps=int(nw),
@@ -303,7 +304,8 @@ def main(argv=None) -> int:
         qname, bs = parse_config(text, args.kernel)
         if vec:
             tag = (f"qmatvec_{qname}_m{args.m}_n{bs.block_n}_k{bs.block_k}_w{bs.num_warps}"
-                   f"_s{bs.num_stages}_{'int' if bs.int_dot else 'float'}")
+                   f"_s{bs.num_stages}_{'int' if bs.int_dot else 'float'}"
+                   + ("" if bs.fuse_x else "_xlax"))
         else:
             tag = (f"{qname}_m{bs.block_m}_n{bs.block_n}_k{bs.block_k}_w{bs.num_warps}"
                    f"_s{bs.num_stages}" + ("_foldacc" if args.fold_acc else ""))

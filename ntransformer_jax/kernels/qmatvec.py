@@ -118,6 +118,7 @@ class BlockSizes:
         it to the largest powers of two that divide the shape (`qmatvec` rejects shapes where that
         falls below the minimum), then splits K while the launch has at most half of
         `TARGET_PROGRAMS` programs: short matrices need the split to keep enough loads in flight.
+        x is quantized inside the kernel (`fuse_x`) for at most `FUSE_X_MAX_ROWS` rows.
         """
         fmt = _format(qtype)
         shaped = None if tuned else _shape_tuned(qtype, n_rows, n_cols, m_rows, glu=False)
@@ -125,7 +126,7 @@ class BlockSizes:
             return shaped
         tuned = tuned or (TUNED_BATCHED.get(T(qtype)) if m_rows > 1 else None)
         tuned = dataclasses.replace(tuned or TUNED.get(T(qtype), cls()), int_dot=INT_DOT,
-                                    fuse_x=FUSE_X, split_k=1)
+                                    fuse_x=FUSE_X and m_rows <= FUSE_X_MAX_ROWS, split_k=1)
         block_n = max(_pow2_divisor(n_rows, tuned.block_n), MIN_BLOCK_N)
         block_k = max(_pow2_divisor(n_cols, max(tuned.block_k, fmt.block)), fmt.block)
         split_k = 1
@@ -143,6 +144,12 @@ class BlockSizes:
 INT_DOT = True         # the default tiling takes the integer path; `self_test` turns it off
                        # (process-wide) where that path does not compile or run right
 FUSE_X = True          # ... with x quantized inside the kernel; `self_test` likewise
+# ... for launches of at most this many x rows. Each program quantizes every row of its x tiles
+# again, so the cost grows with M while the weight work does not: at M = 8 the K loop issues
+# 59 thread instructions a weight byte for Q4_K (16 x 1024 tile, 8 warps) with x quantized in
+# the kernel against 25 with the wrapper's x (Q4_0 45 vs 16, Q8_0 8 x 512: 27 vs 13; offline
+# sm_90 SASS, `benchmarks/qmatmul_sass.py --kernel qmatvec --m 8`), where one row costs 4.7.
+FUSE_X_MAX_ROWS = 1
 MIN_BLOCK_N = 8        # smaller row tiles waste most of each load; such N is rejected instead
 MIN_PROGRAMS = 256     # about two programs an SM: below it get_default trades block_k for split_k
 DEFAULT_TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims for with split_k
