@@ -366,6 +366,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="defaults with x quantized by XLA before each launch (qmatvec.FUSE_X off)")
     p.add_argument("--fuse_x_rows", type=int, default=None,
                    help="set qmatvec.FUSE_X_MAX_ROWS: the most x rows the kernel quantizes itself")
+    p.add_argument("--prefetch", action="store_true",
+                   help="set qmatvec.PREFETCH: the default tiles load one chunk ahead")
     p.add_argument("--m", default=",".join(map(str, M_ROWS)),
                    help="comma-separated x row counts (default 1,8; the first gets the descent)")
     p.add_argument("--candidates", default="",
@@ -396,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         qm.FUSE_X = False
     if args.fuse_x_rows is not None:
         qm.FUSE_X_MAX_ROWS = args.fuse_x_rows
+    if args.prefetch:
+        qm.PREFETCH = True
     t_start = time.perf_counter()
     types = sorted(qm.SUPPORTED_TYPES, key=lambda t: t.name)
     if args.types:
@@ -424,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                                interpret=args.smoke, hbm_read_gbps=ceiling, rtol=RTOL,
                                budget_s=args.budget_s, unroll=args.unroll, repeats=args.repeats,
                                fuse_x=qm.FUSE_X, fuse_x_max_rows=qm.FUSE_X_MAX_ROWS,
+                               prefetch=qm.PREFETCH,
                                types=[t.name for t in types])
     print(f"{dev.device_kind} jax {jax.__version__}: HBM read ceiling {ceiling:.0f} GB/s", flush=True)
     bench = Bench(args, ceiling)

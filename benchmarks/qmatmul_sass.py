@@ -239,13 +239,14 @@ def analyse(sass: str, ptx: str, bs, loop_ops=("HGMMA", "HMMA")) -> dict:
 
 def parse_config(text: str, kernel: str = "qmatmul"):
     """qmatmul: `qtype:block_m:block_n:block_k:num_warps:num_stages`; qmatvec:
-    `qtype:block_n:block_k:num_warps:num_stages:int|float[:xla_x]` (`int_dot`; `xla_x`: fuse_x
-    off, x quantized by the wrapper)."""
+    `qtype:block_n:block_k:num_warps:num_stages:int|float[:xla_x][:pf]` (`int_dot`; `xla_x`:
+    fuse_x off, x quantized by the wrapper; `pf`: prefetch)."""
     if kernel == "qmatvec":
         from ntransformer_jax.kernels.qmatvec import BlockSizes as VecSizes
         q, bn, bk, nw, ns, path, *x = text.split(":")
         return q, VecSizes(block_n=int(bn), block_k=int(bk), num_warps=int(nw),
-                           num_stages=int(ns), int_dot=path == "int", fuse_x=x != ["xla_x"])
+                           num_stages=int(ns), int_dot=path == "int", fuse_x="xla_x" not in x,
+                           prefetch="pf" in x)
     from ntransformer_jax.kernels.qmatmul import BlockSizes
     q, bm, bn, bk, nw, ns = text.split(":")
     return q, BlockSizes(block_m=int(bm), block_n=int(bn), block_k=int(bk), num_warps=int(nw),
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
         if vec:
             tag = (f"qmatvec_{qname}_m{args.m}_n{bs.block_n}_k{bs.block_k}_w{bs.num_warps}"
                    f"_s{bs.num_stages}_{'int' if bs.int_dot else 'float'}"
-                   + ("" if bs.fuse_x else "_xlax"))
+                   + ("" if bs.fuse_x else "_xlax") + ("_pf" if bs.prefetch else ""))
         else:
             tag = (f"{qname}_m{bs.block_m}_n{bs.block_n}_k{bs.block_k}_w{bs.num_warps}"
                    f"_s{bs.num_stages}" + ("_foldacc" if args.fold_acc else ""))
@@ -326,6 +327,10 @@ def main(argv=None) -> int:
                                   text=True, check=True).stdout
             with open(stem + ".sass", "w") as fh:
                 fh.write(sass)
+            res_usage = subprocess.run([cuobjdump, "-res-usage", stem + ".cubin"],
+                                       capture_output=True, text=True).stdout
+            mt = re.search(r"REG:(\d+)", res_usage)
+            rec["registers"] = int(mt.group(1)) if mt else None
             with open(stem + ".ptx") as fh:
                 ptx = fh.read()
             with open(stem + ".meta.json") as fh:
@@ -348,7 +353,8 @@ def main(argv=None) -> int:
                   f" {lp.get('bytes_per_iter', 0):.0f} weight bytes ="
                   f" {lp.get('thread_instr_per_byte', float('nan')):.2f} thread instr/byte;"
                   f" issue bound {lp.get('issue_bound_gbps', float('nan')):.0f} GB/s;"
-                  f" dp4a {lp.get('dp4a')}; classes {lp.get('by_class')}"), flush=True)
+                  f" dp4a {lp.get('dp4a')}; {rec.get('registers')} registers;"
+                  f" classes {lp.get('by_class')}"), flush=True)
             continue
         print(f"{tag}: " + (rec["error"][:2000] if "error" in rec else
               f"ttgir mma v{rec['ttgir_mma']} {rec['ttgir_dot_ops']}; PTX wgmma {rec['ptx_wgmma']}"

@@ -30,6 +30,7 @@ K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # random bytes with finite half fields
 # Byte offsets of the half fields (d, dmin) in one K-quant super-block (ggml-common.h).
 K_HALF_FIELDS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 TYPES = LEGACY + K_QUANTS
+INT_TYPES = [t for t in TYPES if qm._format(t).fused_x is not None]
 
 # (N, K, M, x dtype, block sizes or None for the default)
 CASES = (
@@ -298,6 +299,26 @@ def test_batched_launches_start_from_their_own_tile(qtype):
         assert qm.TUNED_BATCHED[qtype] != qm.TUNED[qtype]
 
 
+@pytest.mark.parametrize("qtype", INT_TYPES, ids=lambda t: t.name)
+def test_batched_launches_take_the_wrappers_x(qtype, monkeypatch):
+    """One x row is quantized inside the kernel; more rows by the wrapper, except the plain
+    launches of FUSE_X_BATCHED types; FUSE_X off (the self-test's fallback) wins everywhere."""
+    n, k = 28672, 8192
+    for m_rows in (1, 2, 8):
+        plain = qm.BlockSizes.get_default(qtype, n, k, m_rows).fuse_x
+        glu = qm.glu_block_sizes(qtype, 2 * n, k, m_rows).fuse_x
+        assert glu is (m_rows == 1), m_rows
+        assert plain is (m_rows == 1 or qtype in qm.FUSE_X_BATCHED), m_rows
+        cand = qm.BlockSizes.get_default(qtype, n, k, m_rows, tuned=qm.BlockSizes(16, 512))
+        assert cand.fuse_x is plain, m_rows
+    monkeypatch.setattr(qm, "FUSE_X_MAX_ROWS", 8)
+    assert qm.glu_block_sizes(qtype, 2 * n, k, 8).fuse_x
+    monkeypatch.setattr(qm, "FUSE_X", False)
+    assert not qm.BlockSizes.get_default(qtype, n, k, 1).fuse_x
+    assert not qm.glu_block_sizes(qtype, 2 * n, k, 1).fuse_x
+    assert not qm.BlockSizes.get_default(qtype, n, k, 8).fuse_x
+
+
 def test_supports():
     assert qm.supports(T.Q8_0, 576, 576) and qm.supports(T.Q4_K, 8, 256)
     assert not qm.supports(T.Q6_K, 576, 576)      # K not whole 128-value blocks
@@ -362,8 +383,6 @@ def test_self_test_falls_back_to_the_wrapper_quantized_x(monkeypatch):
     finally:
         jax.clear_caches()
 
-
-INT_TYPES = [t for t in TYPES if qm._format(t).fused_x is not None]
 
 
 @pytest.mark.parametrize("qtype", INT_TYPES, ids=lambda t: t.name)
@@ -451,6 +470,35 @@ def test_glu_matches_float64(seed, qtype, m_rows, stacked):
     assert np.all(err <= bound), f"seed={seed}: max error {err.max():.3g}"
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m_rows,path", [(1, "fused"), (3, "wrapper"), (2, "float")])
+def test_prefetch_computes_the_same_sums(seed, qtype, m_rows, path):
+    """Loading chunk i + 1 before computing chunk i (`prefetch`) changes when tiles are read,
+    not what is added: the same outputs bit for bit, plain with a K-split and several chunks a
+    split, glu, stacked layers; and the product still holds the float64 bound."""
+    rng = np.random.default_rng(seed)
+    block = qm._format(qtype).block
+    n_rows, n_cols = 32, 8 * max(block, 128)
+    ws = [random_weight(rng, qtype, n_rows, n_cols) for _ in range(2)]
+    stack = tuple(jnp.stack(a) for a in zip(*(qm.repack(w, qtype) for w in ws)))
+    x = random_x(rng, m_rows, n_cols, jnp.float32)
+    base = qm.BlockSizes(block_n=8, block_k=n_cols // 8, split_k=2,   # 4 chunks a split
+                         int_dot=path != "float", fuse_x=path == "fused")
+    ys = {}
+    for prefetch in (False, True):
+        bs = dataclasses.replace(base, prefetch=prefetch)
+        plain = qm.qmatvec_packed(x, stack, qtype, n_cols, block_sizes=bs, layer=jnp.int32(1),
+                                  interpret=INTERPRET)
+        glu = qm.qmatvec_glu_packed(x, stack, qtype, n_cols, layer=jnp.int32(0),
+                                    block_sizes=dataclasses.replace(bs, split_k=1),
+                                    interpret=INTERPRET)
+        ys[prefetch] = (np.asarray(plain), np.asarray(glu))
+    for a, b in zip(ys[False], ys[True]):
+        np.testing.assert_array_equal(a, b)
+    check_close(jnp.asarray(ys[True][0]), x, ws[1], qtype, f"prefetch {path}, seed={seed}",
+                path != "float")
+
+
 def test_glu_tiling_and_bad_inputs():
     """The GLU tiling halves the plain row tile and never splits K; odd rows, a K-split and a
     row count no tile divides are refused with a named error."""
@@ -486,7 +534,8 @@ def test_shape_tuned_tiles(seed, qtype, n_rows, n_cols, glu, tile, monkeypatch):
     assert got == dataclasses.replace(tile, int_dot=qm.INT_DOT, fuse_x=qm.FUSE_X)
     assert pick(qtype, n_rows, n_cols, 8) != got
     monkeypatch.setattr(qm, "SHAPE_TILES", False)
-    assert pick(qtype, n_rows, n_cols, 1) == pick(qtype, n_rows, n_cols, 8)
+    one, batched = pick(qtype, n_rows, n_cols, 1), pick(qtype, n_rows, n_cols, 8)
+    assert one == dataclasses.replace(batched, fuse_x=one.fuse_x)   # only fuse_x follows M
     monkeypatch.setattr(qm, "SHAPE_TILES", True)
     qm.plan(qtype, 1, n_rows // 2 if glu else n_rows, n_cols, got)
     rng = np.random.default_rng(seed)

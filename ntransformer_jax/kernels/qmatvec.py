@@ -96,6 +96,9 @@ class BlockSizes:
             float products of the f32 x, exact.
         fuse_x: on the integer path, each program quantizes its own x tiles from the float x
             (no XLA kernels before the launch); False: the wrapper quantizes x first.
+        prefetch: load chunk i + 1's weight tiles before computing chunk i (carried through
+            the K loop: more registers, loads in flight during the arithmetic); `PREFETCH`
+            turns it on in the default tiles.
     """
 
     block_n: int = 32
@@ -105,6 +108,7 @@ class BlockSizes:
     num_stages: int = 3
     int_dot: bool = True
     fuse_x: bool = True
+    prefetch: bool = False
 
     @classmethod
     def get_default(cls, qtype: gguf.GGMLQuantizationType, n_rows: int,
@@ -118,15 +122,17 @@ class BlockSizes:
         it to the largest powers of two that divide the shape (`qmatvec` rejects shapes where that
         falls below the minimum), then splits K while the launch has at most half of
         `TARGET_PROGRAMS` programs: short matrices need the split to keep enough loads in flight.
-        x is quantized inside the kernel (`fuse_x`) for at most `FUSE_X_MAX_ROWS` rows.
+        x is quantized inside the kernel (`fuse_x`) as `_fuse_x` says.
         """
         fmt = _format(qtype)
         shaped = None if tuned else _shape_tuned(qtype, n_rows, n_cols, m_rows, glu=False)
         if shaped is not None:
             return shaped
-        tuned = tuned or (TUNED_BATCHED.get(T(qtype)) if m_rows > 1 else None)
-        tuned = dataclasses.replace(tuned or TUNED.get(T(qtype), cls()), int_dot=INT_DOT,
-                                    fuse_x=FUSE_X and m_rows <= FUSE_X_MAX_ROWS, split_k=1)
+        tuned = (tuned or (TUNED_BATCHED.get(T(qtype)) if m_rows > 1 else None)
+                 or TUNED.get(T(qtype), cls()))
+        tuned = dataclasses.replace(tuned, int_dot=INT_DOT, split_k=1,
+                                    fuse_x=_fuse_x(qtype, m_rows, glu=False),
+                                    prefetch=tuned.prefetch or PREFETCH)
         block_n = max(_pow2_divisor(n_rows, tuned.block_n), MIN_BLOCK_N)
         block_k = max(_pow2_divisor(n_cols, max(tuned.block_k, fmt.block)), fmt.block)
         split_k = 1
@@ -149,7 +155,14 @@ FUSE_X = True          # ... with x quantized inside the kernel; `self_test` lik
 # 59 thread instructions a weight byte for Q4_K (16 x 1024 tile, 8 warps) with x quantized in
 # the kernel against 25 with the wrapper's x (Q4_0 45 vs 16, Q8_0 8 x 512: 27 vs 13; offline
 # sm_90 SASS, `benchmarks/qmatmul_sass.py --kernel qmatvec --m 8`), where one row costs 4.7.
+# On an H100 at M = 8 the wrapper's x made the 70B glu launch 1.1-1.6x faster on every type
+# (Q4_K 877 -> 540 us, Q8_0 567 -> 423; benchmarks/RESULTS.md, session 14).
 FUSE_X_MAX_ROWS = 1
+PREFETCH = False       # True: the default tiles load one chunk ahead (`BlockSizes.prefetch`)
+# ... except for these types' plain (not glu) launches, which were faster with x quantized in
+# the kernel at M = 8 in the same measurement (Q4_1 down 253 vs 435 us, gate/up 228 vs 361;
+# Q5_K down 434 vs 488, qkv 161 vs 188).
+FUSE_X_BATCHED: frozenset = frozenset({T.Q4_1, T.Q5_K})
 MIN_BLOCK_N = 8        # smaller row tiles waste most of each load; such N is rejected instead
 MIN_PROGRAMS = 256     # about two programs an SM: below it get_default trades block_k for split_k
 DEFAULT_TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims for with split_k
@@ -172,6 +185,12 @@ SHAPE_TUNED: dict[tuple[gguf.GGMLQuantizationType, int, int, bool], BlockSizes] 
 # target without them): qkv 6144 x 4096 BlockSizes(32, 1024, 1, 8 warps, 4 stages) and glu
 # 28672 x 4096 BlockSizes(8, 2048, 1, 8 warps, 4 stages).
 SHAPE_TILES = True     # False: `SHAPE_TUNED` is not consulted (read when a launch is traced)
+
+
+def _fuse_x(qtype, m_rows: int, glu: bool) -> bool:
+    """Whether a launch of `m_rows` x rows quantizes x inside the kernel (`BlockSizes.fuse_x`):
+    `FUSE_X`, for at most `FUSE_X_MAX_ROWS` rows or a plain launch of a `FUSE_X_BATCHED` type."""
+    return FUSE_X and (m_rows <= FUSE_X_MAX_ROWS or (not glu and T(qtype) in FUSE_X_BATCHED))
 
 
 def _shape_tuned(qtype, n_rows: int, n_cols: int, m_rows: int, glu: bool) -> BlockSizes | None:
@@ -976,7 +995,7 @@ def dequantize_packed(packed: tuple[jax.Array, ...], qtype: gguf.GGMLQuantizatio
 
 def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: int,
                     m_rows: int, stacked: bool, glu: bool = False, int_dot: bool = False,
-                    fused_x: bool = False, interpret: bool = False):
+                    fused_x: bool = False, prefetch: bool = False, interpret: bool = False):
     """One program: rows [block_n] of the output, over chunks [c0, c0 + n_chunks) of K.
 
     refs: with `stacked`, first a [1] int32 layer index; then the packed weight arrays (tiles
@@ -984,6 +1003,10 @@ def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: 
     the layer's), with `glu` a second set of the same arrays (the up rows matching the gate
     rows of the first), the x arrays ([Mp, K / block, ...]), then o_ref: [Mp, block_n] f32
     partial sums of this K-split, or with `glu` silu(gate) * up.
+
+    With `prefetch`, the weight tiles (and the wrapper's x tiles) of chunk i + 1 are loaded
+    before chunk i is computed and carried through the loop, so their loads are in flight
+    during the arithmetic and the layout shuffles of chunk i (the last chunk loads itself again).
     """
     lead = (slice(None),)
     if stacked:
@@ -998,15 +1021,26 @@ def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: 
         rest = (slice(None),) * (len(ref.shape) - len(lead) - 1)
         return ref[(*lead, pl.ds(start, blocks), *rest)]
 
-    def step(i, acc):
-        start = pl.multiple_of((chunk0 + i) * blocks, blocks)
+    def start_of(i):
+        return pl.multiple_of((chunk0 + i) * blocks, blocks)
+
+    def loads(i):
+        """Chunk i's weight tiles of every set, and the wrapper's x tiles (None with fused_x)."""
+        start = start_of(i)
+        w = tuple(tuple(tile(r, lead, start) for r in refs_j) for refs_j in sets)
+        x = None if fused_x else tuple(tuple(tile(r, (m,), start) for r in x_refs)
+                                       for m in range(m_rows))
+        return w, x
+
+    def compute(i, acc, w_sets, x_tiles):
+        start = start_of(i)
         if fused_x:   # quantize this chunk of every x row here (the integer path's x tiles)
             xs = [fmt.fused_x(x_refs[0], m, start, blocks) for m in range(m_rows)]
         else:
-            xs = [tuple(tile(r, (m,), start) for r in x_refs) for m in range(m_rows)]
+            xs = list(x_tiles)
         new = []
-        for j, refs_j in enumerate(sets):
-            w = [tile(r, lead, start) for r in refs_j]
+        for j, w in enumerate(w_sets):
+            w = list(w)
             if int_dot:
                 parts = fmt.int_dot(w, xs, interpret)
             else:
@@ -1017,7 +1051,15 @@ def _qmatvec_kernel(*refs, fmt: _Format, n_weights: int, blocks: int, n_chunks: 
 
     block_n = o_ref.shape[-1]
     zeros = tuple(jnp.zeros((block_n, blocks), jnp.float32) for _ in range(m_rows * n_sets))
-    acc = lax.fori_loop(0, n_chunks, step, zeros)
+    if prefetch:
+        def step(i, carry):
+            acc, w_sets, x_tiles = carry
+            ahead = loads(jnp.minimum(i + 1, n_chunks - 1))
+            return compute(i, acc, w_sets, x_tiles), *ahead
+
+        acc = lax.fori_loop(0, n_chunks, step, (zeros, *loads(0)))[0]
+    else:
+        acc = lax.fori_loop(0, n_chunks, lambda i, acc: compute(i, acc, *loads(i)), zeros)
     for m in range(m_rows):
         y = jnp.sum(acc[m], axis=1)
         if glu:   # silu(gate) * up, silu(g) = g * sigmoid(g)
@@ -1145,7 +1187,7 @@ def _launch(xs: tuple[jax.Array, ...], packed: tuple[jax.Array, ...], fmt: _Form
                                blocks=bs.block_k // fmt.block, n_chunks=p.n_chunks,
                                m_rows=p.m_padded, stacked=stacked, glu=glu,
                                int_dot=_takes_int(fmt, bs), fused_x=_takes_fused(fmt, bs),
-                               interpret=interpret)
+                               prefetch=bs.prefetch, interpret=interpret)
     if out_init is not None:
         kernel = _drop_args(kernel, len(operands) - 1)
     return pl.pallas_call(
@@ -1273,7 +1315,8 @@ def glu_block_sizes(qtype: gguf.GGMLQuantizationType, n_rows: int, n_cols: int,
     bs = BlockSizes.get_default(qtype, n_rows, n_cols, m_rows, tuned)
     half = n_rows // 2
     block_n = max(_pow2_divisor(half, max(bs.block_n // 2, MIN_BLOCK_N)), MIN_BLOCK_N)
-    return dataclasses.replace(bs, block_n=block_n, split_k=1)
+    return dataclasses.replace(bs, block_n=block_n, split_k=1,
+                               fuse_x=_fuse_x(qtype, m_rows, glu=True))
 
 
 def supports_glu(qtype: object, n_rows: int, n_cols: int) -> bool:
