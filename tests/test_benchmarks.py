@@ -217,3 +217,30 @@ def test_tiers_bench_smoke_reports_its_own_peak_rss(tmp_path):
         assert 0 < run["load_peak_rss_gb"] and 0 < run["generate_peak_rss_gb"]
         assert run["host_maxrss_gb"] == max(run["load_peak_rss_gb"], run["generate_peak_rss_gb"])
         assert run["host_maxrss_gb"] < own + 1.0, (run["opts"], run["host_maxrss_gb"], own)
+
+
+def test_ncu_probe_runs_its_cases_and_reads_ncu_csv(tmp_path, capsys):
+    """The rope cases run in interpret mode; --summarize keeps one record a launch (ncu's own
+    lines and the program's prints dropped) with the kept metrics and every stall metric."""
+    import ncu_probe
+    assert ncu_probe.main(["--interpret", "--ctx", "32", "--cases", "rope:fused,rope:two"]) == 0
+    assert capsys.readouterr().out.count("case rope:") == 2
+    with pytest.raises(SystemExit, match="rope:fused or rope:two"):
+        ncu_probe.main(["--interpret", "--cases", "rope:three"])
+    header = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+              '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+              '"Metric Value"')
+    stall = "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio"
+    rows = [("0", "qmatvec_glu", "Duration", "us", "107.58"), ("0", "qmatvec_glu", stall, "", "2.84"),
+            ("1", "qmatvec", "DRAM Throughput", "%", "62.83")]
+    lines = ["==PROF== Connected to process 1", "case Q4_K glu", header] + [
+        f'"{i}","1","python3","h","{k}","1","7","(256, 1, 1)","(1792, 1, 1)","0","9.0","S",'
+        f'"{name}","{unit}","{value}"' for i, k, name, unit, value in rows]
+    path = tmp_path / "ncu.csv"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "ncu.json"
+    assert ncu_probe.main(["--summarize", str(path), "--out", str(out)]) == 0
+    recs = json.loads(out.read_text())
+    assert [r["kernel"] for r in recs] == ["qmatvec_glu", "qmatvec"]
+    assert recs[0]["duration"] == "107.58 us" and recs[0]["stalls"] == {stall: "2.84"}
+    assert recs[0]["grid"] == "(1792, 1, 1)" and recs[1]["dram_pct"] == "62.83 %"
