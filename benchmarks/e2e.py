@@ -82,7 +82,7 @@ def main(argv):
 
 def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
         fuse_x: bool = True, norm_warps: int = 0, fuse_norm: bool = True,
-        shape_tiles: bool = True, fuse_rope: bool = True) -> dict:
+        shape_tiles: bool = True, fuse_rope: bool = False) -> dict:
     from ntransformer_jax import model
     from ntransformer_jax.kernels import norm, qmatvec
     norm.NUM_WARPS = norm_warps or None

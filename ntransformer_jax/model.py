@@ -526,9 +526,9 @@ first_norm_jit = jax.jit(first_norm, static_argnames=("eps", "kernel"))
 # The decode path's rotation, cache write and attention in one launch per layer
 # (`attention.rope_decode_attention`, where it takes the shapes); False: `rope_cache_write`
 # then `decode_attention`, two launches, as before (benchmarks/e2e.py --fuse_rope measures both;
-# read when a step is first traced; every path through `block_step` follows it). Off by default
-# until it has been compiled and timed on a GPU: it passes every CPU (interpret-mode) test, but no
-# device call of session 13 started to measure it.
+# read when a step is first traced; every path through `block_step` follows it). Off by default:
+# compiled on an H100 it is correct but 0.9-1.4% slower a token than the two launches (8B Q8_0
+# 277.1 vs 280.5 tok/s, Q4_0 420.2 vs 426.3; benchmarks/RESULTS.md, session 14).
 FUSE_ROPE_ATTENTION = False
 
 # The resident loop fuses each block's last residual add with the next norm (`block_step`);

@@ -158,11 +158,12 @@ FUSE_X = True          # ... with x quantized inside the kernel; `self_test` lik
 # On an H100 at M = 8 the wrapper's x made the 70B glu launch 1.1-1.6x faster on every type
 # (Q4_K 877 -> 540 us, Q8_0 567 -> 423; benchmarks/RESULTS.md, session 14).
 FUSE_X_MAX_ROWS = 1
-PREFETCH = False       # True: the default tiles load one chunk ahead (`BlockSizes.prefetch`)
 # ... except for these types' plain (not glu) launches, which were faster with x quantized in
 # the kernel at M = 8 in the same measurement (Q4_1 down 253 vs 435 us, gate/up 228 vs 361;
 # Q5_K down 434 vs 488, qkv 161 vs 188).
 FUSE_X_BATCHED: frozenset = frozenset({T.Q4_1, T.Q5_K})
+PREFETCH = False       # True: the default tiles load one chunk ahead (`BlockSizes.prefetch`;
+                       # bit-identical on CPU, not yet timed on a GPU)
 MIN_BLOCK_N = 8        # smaller row tiles waste most of each load; such N is rejected instead
 MIN_PROGRAMS = 256     # about two programs an SM: below it get_default trades block_k for split_k
 DEFAULT_TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims for with split_k
