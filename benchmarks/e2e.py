@@ -46,6 +46,8 @@ flags.DEFINE_list("fuse_rope", ["off"], "model.FUSE_ROPE_ATTENTION for each run 
                   "rotation, cache write and attention in one launch; off: two).")
 flags.DEFINE_list("shape_tiles", ["on"], "qmatvec.SHAPE_TILES for each run (on: the per-shape "
                   "decode tiles of qmatvec.SHAPE_TUNED; off: the per-type defaults alone).")
+flags.DEFINE_list("prefetch", ["off"], "qmatvec.PREFETCH for each run (on: the decode kernels' "
+                  "default tiles load one K chunk ahead).")
 flags.DEFINE_integer("scan_unroll", 0, "Set model.SCAN_UNROLL (0: keep the default; -1: full unroll).")
 flags.DEFINE_string("out", None, "Folder for e2e.json.")
 FLAGS = flags.FLAGS
@@ -59,10 +61,10 @@ def main(argv):
         model.SCAN_UNROLL = True if FLAGS.scan_unroll < 0 else FLAGS.scan_unroll
     hbm = hbm_read_gbps() if jax.default_backend() == "gpu" else None
     runs = [run(path, mode, hbm, pk == "on", fx == "on", int(nw), fn == "on", st == "on",
-                fr == "on")
+                fr == "on", pf == "on")
             for mode in FLAGS.kernels for pk in FLAGS.prefill_kernel for fx in FLAGS.fuse_x
             for nw in FLAGS.norm_warps for fn in FLAGS.fuse_norm for st in FLAGS.shape_tiles
-            for fr in FLAGS.fuse_rope]
+            for fr in FLAGS.fuse_rope for pf in FLAGS.prefetch]
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
         name = os.path.splitext(os.path.basename(path))[0]
@@ -73,7 +75,7 @@ def main(argv):
         print(f"\n{res['card']} jax {res['jax']} {res['model']} kernels={res['kernels']} "
               f"matmul={res['matmul']} prefill_kernel={res['prefill_kernel']} "
               f"fuse_x={res['fuse_x']} norm_warps={res['norm_warps']} fuse_norm={res['fuse_norm']} "
-              f"fuse_rope={res['fuse_rope']} "
+              f"fuse_rope={res['fuse_rope']} prefetch={res['prefetch']} "
               f"shape_tiles={res['shape_tiles']} unroll={res['scan_unroll']} load {res['load_s']:.0f}s: "
               f"pp{FLAGS.pp} {res['pp_tok_per_s']['median']:.1f} tok/s, tg{FLAGS.tg} "
               f"{res['tg_tok_per_s']['median']:.1f} tok/s (roofline {res.get('tg_roofline')}, "
@@ -82,7 +84,7 @@ def main(argv):
 
 def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
         fuse_x: bool = True, norm_warps: int = 0, fuse_norm: bool = True,
-        shape_tiles: bool = True, fuse_rope: bool = False) -> dict:
+        shape_tiles: bool = True, fuse_rope: bool = False, prefetch: bool = False) -> dict:
     from ntransformer_jax import model
     from ntransformer_jax.kernels import norm, qmatvec
     norm.NUM_WARPS = norm_warps or None
@@ -91,6 +93,7 @@ def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
     qmatvec.SHAPE_TILES = shape_tiles
     model.PREFILL_KERNEL = prefill_kernel
     qmatvec.FUSE_X = fuse_x
+    qmatvec.PREFETCH = prefetch
     jax.clear_caches()          # traced steps read it: retrace
     dev = jax.devices()[0]
     res = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, card=dev.device_kind,
@@ -106,6 +109,7 @@ def run(path: str, kernels: str, hbm: float | None, prefill_kernel: bool,
     res["norm_warps"] = norm_warps or "default"
     res["fuse_norm"], res["shape_tiles"] = fuse_norm, shape_tiles
     res["fuse_rope"] = model.FUSE_ROPE_ATTENTION   # as the load's self-test left it
+    res["prefetch"] = qmatvec.PREFETCH
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, min(eng.config.n_vocab, 30000), FLAGS.pp).tolist()

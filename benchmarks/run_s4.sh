@@ -1,8 +1,8 @@
 #!/bin/bash
 # Session-4 resident-path run (one device call): compiled tests of the decode kernels, then the
 # 8B profile and llama-bench-like e2e figures. Results under $OUT. See BUILD.md for the prefix.
-#   STEPS="tests rope kmtest kbench qmmtest qmmbench iprobe pinprobe check ident profile e2e variants tiers q6k disk4 big" \
-#   QUANTS="Q8_0 Q4_0" FUSE_ROPE=on,off PREFILL=on,off NORM_WARPS=0,16 FUSE_NORM=on,off SHAPE_TILES=on,off \
+#   STEPS="tests rope kmtest kbench kbpf qmmtest qmmbench iprobe pinprobe check ident profile e2e variants tiers q6k disk4 big" \
+#   QUANTS="Q8_0 Q4_0" FUSE_ROPE=on,off PREFETCH=on,off PREFILL=on,off NORM_WARPS=0,16 FUSE_NORM=on,off SHAPE_TILES=on,off \
 #   bash benchmarks/run_s4.sh
 set -u
 OUT=${OUT:-/tmp/out}
@@ -28,6 +28,12 @@ fi
 if [[ $STEPS == *kbench* ]]; then  # decode kernels on the 70B shapes against XLA (KB_ARGS: --quick, --types)
     timeout ${KB_TIMEOUT:-300} python3 benchmarks/kernels_bench.py ${KB_ARGS:---quick} --out "$OUT/kernels.json" 2>&1 \
         | grep -v "^I1\|^W1" | tail -${KB_TAIL:-40}
+fi
+if [[ $STEPS == *kbpf* ]]; then   # decode kernels at M = 1, the default tiles without and with prefetch
+    for pf in "" --prefetch; do
+        timeout ${KB_TIMEOUT:-150} python3 benchmarks/kernels_bench.py --quick --m 1 ${KB_ARGS:-} $pf \
+            --out "$OUT/kernels-m1${pf:+-prefetch}.json" 2>&1 | grep -v "^I1\|^W1" | tail -${KB_TAIL:-40}
+    done
 fi
 if [[ $STEPS == *qmmtest* ]]; then  # the prefill kernel compiled
     KERNELS_INTERPRET=0 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_qmatmul.py 2>&1 | tail -2
@@ -69,7 +75,7 @@ if [[ $STEPS == *e2e* ]]; then
     for q in $QUANTS; do
         timeout 300 python3 benchmarks/e2e.py --shape "$SHAPE" --quant "$q" --kernels auto --matmul bf16 \
             --prefill_kernel ${PREFILL:-off} --fuse_x ${FUSE:-on} --norm_warps ${NORM_WARPS:-0} --fuse_norm ${FUSE_NORM:-on} --shape_tiles ${SHAPE_TILES:-on} \
-            --fuse_rope ${FUSE_ROPE:-off} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep --line-buffered "tg128"
+            --fuse_rope ${FUSE_ROPE:-off} --prefetch ${PREFETCH:-off} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep --line-buffered "tg128"
     done
 fi
 if [[ $STEPS == *tiers* ]]; then     # issue 4: spread vs index order, mmap baseline, small RAM budget
@@ -93,5 +99,5 @@ fi
 if [[ $STEPS == *big* ]]; then       # 70B Q4_0 resident (40 GB): pp512 / tg128
     timeout 500 python3 benchmarks/e2e.py --shape 70b --quant Q4_0 --kernels auto --matmul bf16 \
         --prefill_kernel ${PREFILL:-off} --fuse_x ${FUSE:-on} --norm_warps ${NORM_WARPS:-0} --fuse_rope ${FUSE_ROPE:-off} \
-        --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep --line-buffered "tg128"
+        --prefetch ${PREFETCH:-off} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep --line-buffered "tg128"
 fi

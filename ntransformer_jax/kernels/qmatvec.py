@@ -196,10 +196,11 @@ def _fuse_x(qtype, m_rows: int, glu: bool) -> bool:
 
 def _shape_tuned(qtype, n_rows: int, n_cols: int, m_rows: int, glu: bool) -> BlockSizes | None:
     """`SHAPE_TUNED`'s tile for this launch, or None; the process-wide paths (`INT_DOT`,
-    `FUSE_X`) as the type defaults take them."""
+    `FUSE_X`, `PREFETCH`) as the type defaults take them."""
     bs = SHAPE_TUNED.get((T(qtype), n_rows, n_cols, glu)) if SHAPE_TILES and m_rows == 1 else None
     return None if bs is None else dataclasses.replace(bs, int_dot=bs.int_dot and INT_DOT,
-                                                       fuse_x=bs.fuse_x and FUSE_X)
+                                                       fuse_x=bs.fuse_x and FUSE_X,
+                                                       prefetch=bs.prefetch or PREFETCH)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
