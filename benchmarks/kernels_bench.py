@@ -73,7 +73,8 @@ SWEEP_SHAPE = "gate/up"
 GLU_SHAPE = "glu"
 M_ROWS = (1, 8)
 AXES = {"int_dot": (True, False), "fuse_x": (True, False), "block_n": (8, 16, 32, 64, 128), "block_k": (256, 512, 1024, 2048),
-        "split_k": (1, 2, 4, 8), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5)}
+        "split_k": (1, 2, 4, 8), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5),
+        "prefetch": (False, True)}
 TOP = 3  # best gate/up configs carried to the other shapes and to M = 8
 
 # --smoke: CPU interpreter, tiny shapes, a two-axis sweep.
