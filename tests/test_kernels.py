@@ -527,8 +527,8 @@ def _shape_tuned_params():
 @pytest.mark.parametrize("qtype,n_rows,n_cols,glu,tile", _shape_tuned_params())
 def test_shape_tuned_tiles(seed, qtype, n_rows, n_cols, glu, tile, monkeypatch):
     """A per-shape tile serves one-row launches of its shape only (batched rows and
-    SHAPE_TILES off take the type default), is a tiling `plan` accepts, and computes the
-    product at its shape."""
+    SHAPE_TILES off take the type default), takes `PREFETCH` as the defaults do, is a tiling
+    `plan` accepts, and computes the product at its shape."""
     pick = qm.glu_block_sizes if glu else qm.BlockSizes.get_default
     got = pick(qtype, n_rows, n_cols, 1)
     assert got == dataclasses.replace(tile, int_dot=qm.INT_DOT, fuse_x=qm.FUSE_X)
@@ -537,6 +537,10 @@ def test_shape_tuned_tiles(seed, qtype, n_rows, n_cols, glu, tile, monkeypatch):
     one, batched = pick(qtype, n_rows, n_cols, 1), pick(qtype, n_rows, n_cols, 8)
     assert one == dataclasses.replace(batched, fuse_x=one.fuse_x)   # only fuse_x follows M
     monkeypatch.setattr(qm, "SHAPE_TILES", True)
+    monkeypatch.setattr(qm, "PREFETCH", True)   # reaches the per-shape tile as the type default
+    assert pick(qtype, n_rows, n_cols, 1) == dataclasses.replace(got, prefetch=True)
+    assert pick(qtype, n_rows, n_cols, 8).prefetch
+    monkeypatch.setattr(qm, "PREFETCH", False)
     qm.plan(qtype, 1, n_rows // 2 if glu else n_rows, n_cols, got)
     rng = np.random.default_rng(seed)
     w_data = random_weight(rng, qtype, n_rows, n_cols)
