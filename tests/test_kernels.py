@@ -535,7 +535,9 @@ def test_shape_tuned_tiles(seed, qtype, n_rows, n_cols, glu, tile, monkeypatch):
     assert pick(qtype, n_rows, n_cols, 8) != got
     monkeypatch.setattr(qm, "SHAPE_TILES", False)
     one, batched = pick(qtype, n_rows, n_cols, 1), pick(qtype, n_rows, n_cols, 8)
-    assert one == dataclasses.replace(batched, fuse_x=one.fuse_x)   # only fuse_x follows M
+    assert one == pick(qtype, n_rows, n_cols, 1, qm.TUNED.get(qtype, qm.BlockSizes()))
+    if qtype not in qm.TUNED_BATCHED:   # the type's one tile at every M: only fuse_x follows M
+        assert one == dataclasses.replace(batched, fuse_x=one.fuse_x)
     monkeypatch.setattr(qm, "SHAPE_TILES", True)
     monkeypatch.setattr(qm, "PREFETCH", True)   # reaches the per-shape tile as the type default
     assert pick(qtype, n_rows, n_cols, 1) == dataclasses.replace(got, prefetch=True)

@@ -174,12 +174,22 @@ TARGET_PROGRAMS: dict[gguf.GGMLQuantizationType, int] = {T.Q4_0: 1024}
 
 # Tiles for one x row on particular [N, K] shapes, where the type's tile (tuned on the 70B
 # gate/up matrix) leaves time on the table: key (type, N, K, glu), glu meaning the gate/up
-# kernel with N = 2 F. From `kernels_bench.py --model 8b --descend` sweeps on an H100 (see
-# benchmarks/RESULTS.md, session 11); e2e.py --shape_tiles off measures without them.
+# kernel with N = 2 F. From `kernels_bench.py --descend` sweeps on an H100 (8B shapes: see
+# benchmarks/RESULTS.md, session 11; 70B: session 15); e2e.py --shape_tiles off measures
+# without them.
 SHAPE_TUNED: dict[tuple[gguf.GGMLQuantizationType, int, int, bool], BlockSizes] = {
     (T.Q8_0, 4096, 4096, False): BlockSizes(block_n=8, block_k=2048, split_k=2, num_warps=8),
     (T.Q8_0, 6144, 4096, False): BlockSizes(block_n=16, block_k=512, split_k=2, num_stages=5),
     (T.Q8_0, 4096, 14336, False): BlockSizes(block_n=64, block_k=512, split_k=4, num_warps=16,
+                                             num_stages=4),
+    # 70B shapes, from a `kernels_bench.py --m 1 --descend q/o,down,qkv` sweep on an H100
+    # (session 15; best against the type default: qkv 21.7 vs 23.6 us, q/o 15.8 vs 17.4, down
+    # 64.2 vs 66.3). Gains under 3% (Q4_0 q/o and down) are left to the type default.
+    (T.Q4_0, 10240, 8192, False): BlockSizes(block_n=16, block_k=2048, split_k=2, num_warps=8,
+                                             num_stages=2),
+    (T.Q4_K, 8192, 8192, False): BlockSizes(block_n=16, block_k=2048, split_k=1, num_warps=4,
+                                            num_stages=2),
+    (T.Q4_K, 8192, 28672, False): BlockSizes(block_n=16, block_k=2048, split_k=1, num_warps=4,
                                              num_stages=4),
 }
 # Ranked ahead of the Q4_0 defaults by the same sweep but not yet timed in e2e (8B Q4_0 meets its
