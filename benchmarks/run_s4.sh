@@ -1,7 +1,7 @@
 #!/bin/bash
 # Session-4 resident-path run (one device call): compiled tests of the decode kernels, then the
 # 8B profile and llama-bench-like e2e figures. Results under $OUT. See BUILD.md for the prefix.
-#   STEPS="tests rope kmtest kbench kbpf qmmtest qmmbench iprobe pinprobe check ident profile e2e variants tiers q6k disk4 big" \
+#   STEPS="tests rope kmtest kbench kbpf shapetest qmmtest qmmbench iprobe pinprobe check ident profile e2e variants tiers q6k disk4 big" \
 #   QUANTS="Q8_0 Q4_0" FUSE_ROPE=on,off PREFETCH=on,off PREFILL=on,off NORM_WARPS=0,16 FUSE_NORM=on,off SHAPE_TILES=on,off \
 #   bash benchmarks/run_s4.sh
 set -u
@@ -93,11 +93,14 @@ if [[ $STEPS == *disk4* ]]; then    # issue 4: 70B Q4_0 with 4 GB of RAM (35 lay
         --ram_budget_gb 22 --n_decode 4 --n_mmap 0 --drop_caches --disk_ram_budget_gb 4 --n_disk 3 \
         --out "$OUT" --workdir /root/models 2>&1 | grep -v "^I1\|^W1" | tail -12
 fi
+if [[ $STEPS == *shapetest* ]]; then   # the per-shape tiles compiled
+    KERNELS_INTERPRET=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k shape_tuned 2>&1 | tail -2
+fi
 if [[ $STEPS == *ident* ]]; then    # placement identity with the compiled kernels
     timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_tiers.py -k "bit_identical" 2>&1 | tail -2
 fi
 if [[ $STEPS == *big* ]]; then       # 70B Q4_0 resident (40 GB): pp512 / tg128
-    timeout 500 python3 benchmarks/e2e.py --shape 70b --quant Q4_0 --kernels auto --matmul bf16 \
+    timeout ${BIG_TIMEOUT:-500} python3 benchmarks/e2e.py --shape 70b --quant Q4_0 --kernels auto --matmul bf16 \
         --prefill_kernel ${PREFILL:-off} --fuse_x ${FUSE:-on} --norm_warps ${NORM_WARPS:-0} --fuse_rope ${FUSE_ROPE:-off} \
-        --prefetch ${PREFETCH:-off} --repeats 3 --out "$OUT" --workdir /root/models 2>&1 | grep --line-buffered "tg128"
+        --prefetch ${PREFETCH:-off} --shape_tiles ${SHAPE_TILES:-on} --repeats ${BIG_REPEATS:-3} --out "$OUT" --workdir /root/models 2>&1 | grep --line-buffered "tg128"
 fi
