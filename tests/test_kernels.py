@@ -536,7 +536,9 @@ def test_shape_tuned_tiles(seed, qtype, n_rows, n_cols, glu, tile, monkeypatch):
     monkeypatch.setattr(qm, "SHAPE_TILES", False)
     one, batched = pick(qtype, n_rows, n_cols, 1), pick(qtype, n_rows, n_cols, 8)
     assert one == pick(qtype, n_rows, n_cols, 1, qm.TUNED.get(qtype, qm.BlockSizes()))
-    if qtype not in qm.TUNED_BATCHED:   # the type's one tile at every M: only fuse_x follows M
+    if qtype in qm.TUNED_BATCHED:       # batched rows take the type's own batched tile
+        assert batched == pick(qtype, n_rows, n_cols, 8, qm.TUNED_BATCHED[qtype])
+    else:                               # the type's one tile at every M: only fuse_x follows M
         assert one == dataclasses.replace(batched, fuse_x=one.fuse_x)
     monkeypatch.setattr(qm, "SHAPE_TILES", True)
     monkeypatch.setattr(qm, "PREFETCH", True)   # reaches the per-shape tile as the type default
