@@ -192,9 +192,9 @@ SHAPE_TUNED: dict[tuple[gguf.GGMLQuantizationType, int, int, bool], BlockSizes] 
     (T.Q4_K, 8192, 28672, False): BlockSizes(block_n=16, block_k=2048, split_k=1, num_warps=4,
                                              num_stages=4),
 }
-# Ranked ahead of the Q4_0 defaults by the session-11 8B sweep but not yet timed in e2e (8B Q4_0 meets its
-# target without them): qkv 6144 x 4096 BlockSizes(32, 1024, 1, 8 warps, 4 stages) and glu
-# 28672 x 4096 BlockSizes(8, 2048, 1, 8 warps, 4 stages).
+# Ranked ahead of the Q4_0 defaults by the session-11 8B sweep but not yet timed in e2e (8B Q4_0
+# meets its target without them): qkv 6144 x 4096 BlockSizes(32, 1024, 1, 8 warps, 4 stages) and
+# glu 28672 x 4096 BlockSizes(8, 2048, 1, 8 warps, 4 stages).
 SHAPE_TILES = True     # False: `SHAPE_TUNED` is not consulted (read when a launch is traced)
 
 
