@@ -71,6 +71,31 @@ def hbm_read_gbps(n_bytes: int = 4 << 30, warmup_s: float = 0.5) -> float:
     return best
 
 
+def same_size_read_gbps(n_bytes: int, copies: int = 1, calls: int = 8, repeats: int = 7) -> float:
+    """GB/s of one XLA read of `n_bytes` (an int32 max of each 64 KiB row, `hbm_read_gbps`'s
+    kernel, the size rounded down to whole rows): `calls` reductions in one jitted program, each
+    over the next of `copies` buffers in turn, kept apart (not fused into one launch) by an
+    optimization barrier; timed like `hbm_read_gbps`. The attainable rate of a launch that
+    short, against which a short kernel is judged beside the large-read ceiling."""
+    rows = max(1, n_bytes // (1 << 16))
+    bufs = [jnp.full((rows, 1 << 14), i, jnp.int32) for i in range(copies)]
+
+    @jax.jit
+    def reads(bufs):
+        out, dep = [], jnp.int32(0)
+        for i in range(calls):
+            buf, dep = lax.optimization_barrier((bufs[i % copies], dep))
+            out.append(jnp.max(buf, axis=1))
+            dep = out[-1][0]
+        return out
+
+    jax.block_until_ready(reads(bufs))
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.2:
+        jax.block_until_ready(reads(bufs))
+    return rows * (1 << 16) * calls / pipelined_time(lambda: reads(bufs), repeats) / 1e9
+
+
 def h2d_gbps(n_bytes: int = 2 << 30) -> float:
     """pinned_host -> device `device_put` bandwidth (GB/s)."""
     dev = jax.devices()[0]

@@ -22,8 +22,12 @@ Sweep, in this order, each step within a share of `--budget_s` (defaults always 
 
 Timing (`ceilings.pipelined_time`): one jitted program runs the kernel on `--unroll` different x
 (the kernel alone: with a K-split its partial sums stay unadded, as the engine's consumers take them)
-(so nothing is shared between calls), dispatched back to back and blocked once per sample; the
-median over `--repeats` samples, divided by the calls per sample. The XLA baseline runs one call
+and, for matrices smaller than `ROTATION_BYTES`, on copies of the weight in turn, so that no call
+finds its weight in the L2 cache (50 MB on an H100) where the last left it: in the engine every
+launch reads a weight that nothing has read since the token before. Dispatched back to back and
+blocked once per sample; the median over `--repeats` samples, divided by the calls per sample.
+Beside each (type, shape), an XLA int32 max over buffers of the same byte count, rotated the same
+way (`same_size_read`): what one plain read of that size reaches, the bound of a short launch. The XLA baseline runs one call
 per program (its dequantization would otherwise be shared across the unrolled calls).
 Correctness: every timed config's output for x[0] is compared with the XLA reference on the same
 device: max |y - ref| / (|x| @ |W|^T) <= 1e-5, on the integer path after taking off the bound of
@@ -51,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ceilings import hbm_read_gbps, pipelined_time
+from ceilings import hbm_read_gbps, pipelined_time, same_size_read_gbps
 from ntransformer_jax import quants
 from ntransformer_jax.errors import InputError
 from ntransformer_jax.kernels import qmatvec as qm
@@ -76,6 +80,7 @@ AXES = {"int_dot": (True, False), "fuse_x": (True, False), "block_n": (8, 16, 32
         "split_k": (1, 2, 4, 8), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5),
         "prefetch": (False, True)}
 TOP = 3  # best gate/up configs carried to the other shapes and to M = 8
+ROTATION_BYTES = 256 << 20  # weight copies read in turn add up to at least this (5x the L2)
 
 # --smoke: CPU interpreter, tiny shapes, a two-axis sweep.
 SMOKE_SHAPES = {"big": (64, 512), "small": (32, 256), "glu": (64, 256)}
@@ -153,18 +158,19 @@ class Case(ConfigRecords):
     """One (type, shape, M): its weight, x rows, reference outputs and every timed config."""
 
     def __init__(self, qtype: T, shape_name: str, n_rows: int, n_cols: int, m_rows: int,
-                 w_data: jax.Array, packed: tuple[jax.Array, ...], rng: np.random.Generator,
+                 w_data: jax.Array, packs: list[tuple[jax.Array, ...]], rng: np.random.Generator,
                  unroll: int):
         self.qtype, self.shape_name, self.m_rows = qtype, shape_name, m_rows
         self.glu = shape_name == GLU_SHAPE
         self.n_rows, self.n_cols = n_rows, n_cols
-        self.w_data, self.packed = w_data, packed
+        self.w_data, self.packs = w_data, packs   # packs: copies of the packed weight
         self.xs = [jnp.asarray(rng.standard_normal((m_rows, n_cols), np.float32))
                    for _ in range(unroll)]
-        self.weight_bytes = sum(int(a.size) * a.dtype.itemsize for a in packed)
+        self.weight_bytes = sum(int(a.size) * a.dtype.itemsize for a in packs[0])
         self.configs: list[dict] = []   # every config tried, in order
         self.xla: dict = {}
         self.ref = self.scale = self.x_bound = None
+        self.read_gbps = None   # same_size_read_gbps of the weight's bytes
 
     @property
     def label(self) -> str:
@@ -237,16 +243,16 @@ class Bench:
         opts = {} if case.glu else dict(sum_splits=False)
 
         @jax.jit
-        def calls(xs, packed):
-            return [matvec(x, packed, qtype, k, block_sizes=bs, interpret=interpret, **opts)
-                    for x in xs]
+        def calls(xs, packs):
+            return [matvec(x, packs[i % len(packs)], qtype, k, block_sizes=bs,
+                           interpret=interpret, **opts) for i, x in enumerate(xs)]
 
         try:
             t0 = time.perf_counter()
-            y0 = jax.block_until_ready(calls(case.xs, case.packed))[0]
+            y0 = jax.block_until_ready(calls(case.xs, case.packs))[0]
             y0 = y0 if case.glu else y0.sum(axis=0)
             rec["compile_s"] = time.perf_counter() - t0   # compile and first run
-            t = pipelined_time(lambda: calls(case.xs, case.packed), self.args.repeats)
+            t = pipelined_time(lambda: calls(case.xs, case.packs), self.args.repeats)
         except Exception as err:  # noqa: BLE001 - a config that does not compile or run
             rec["error"] = _one_line(err)
             print(f"  {case.label} {_bs_short(bs)}: {rec['error']}", flush=True)
@@ -318,15 +324,18 @@ def _case_record(case: Case) -> dict:
                                                              case.m_rows))), None)
     return dict(type=case.qtype.name, shape=case.shape_name, n=case.n_rows, k=case.n_cols,
                 m=case.m_rows, weight_bytes=case.weight_bytes, gguf_bytes=int(case.w_data.nbytes),
+                copies=len(case.packs), same_size_read_gbps=case.read_gbps,
                 best=best, default=default, xla=case.xla, configs=case.configs)
 
 
 def _table(res: dict) -> str:
     legend = "/".join(f.name for f in dataclasses.fields(qm.BlockSizes))
     head = (f"{'type':<5} {'shape':<7} {'N x K':<12} {'M':>1} {'best us':>8} {'GB/s':>6} {'%HBM':>5} "
-            f"{'default us':>10} {'XLA us':>8} {'x XLA':>6}  {'best BlockSizes':<22} check")
-    lines = [f"BlockSizes: {legend}; x XLA: XLA time / best time; check: best config correct,"
-             " and how many others were wrong or failed to run", head]
+            f"{'%read':>5} {'default us':>10} {'XLA us':>8} {'x XLA':>6}  {'best BlockSizes':<22}"
+            " check")
+    lines = [f"BlockSizes: {legend}; %read: best GB/s against an XLA read of the same bytes;"
+             " x XLA: XLA time / best time; check: best config correct, and how many others"
+             " were wrong or failed to run", head]
     for r in res["results"]:
         best, default, xla = r["best"], r["default"], r["xla"]
         us = lambda c: f"{c['time_s'] * 1e6:.1f}" if c and "time_s" in c else "-"
@@ -338,6 +347,7 @@ def _table(res: dict) -> str:
         lines.append(
             f"{r['type']:<5} {r['shape']:<7} {r['n']}x{r['k']:<7} {r['m']:>1} {us(best):>8} "
             f"{best['gbps'] if best else 0:>6.0f} {best['pct_hbm'] if best else 0:>5.1f} "
+            f"{100 * best['gbps'] / r['same_size_read_gbps'] if best else 0:>5.1f} "
             f"{us(default):>10} {us(xla):>8} {speed:>6}  "
             f"{_bs_short(best['block_sizes']) if best else '-':<22} {check}")
     return "\n".join(lines)
@@ -443,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
                 w_host = random_weight(rng, qtype, n, k)
                 w_data = jax.device_put(w_host)
                 packed = jax.block_until_ready(qm.repack(w_data, qtype, k))
+                nbytes = sum(int(a.nbytes) for a in packed)
+                n_copies = 1 if args.smoke else min(args.unroll, -(-ROTATION_BYTES // nbytes))
+                packs = [packed] + [jax.block_until_ready(tuple(jnp.array(a, copy=True)
+                                                                for a in packed))
+                                    for _ in range(n_copies - 1)]
+                read = same_size_read_gbps(nbytes, n_copies, args.unroll, args.repeats)
                 defaults = {m: _default(qtype, shape_name, n, k, m) for m in m_rows}
             except Exception as err:  # noqa: BLE001 - one type must not end the run
                 msg = f"!!! {qtype.name} {n}x{k}: cannot build the weight: {_one_line(err)}"
@@ -451,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             del w_host
             for m in m_rows:
-                case = Case(qtype, shape_name, n, k, m, w_data, packed, rng, args.unroll)
+                case = Case(qtype, shape_name, n, k, m, w_data, packs, rng, args.unroll)
+                case.read_gbps = read
                 bench.reference(case)
                 bench.run(case, defaults[m])
                 cases[qtype, shape_name, m] = case

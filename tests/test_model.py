@@ -121,7 +121,13 @@ def test_kernel_path_matches_float64_reference(ftype, tiny_f32_path, tiny_quanti
     ours = engine.logits(ids)                                     # 8 rows: the kernels
     _check(ours, ref[:8], max_rel=1e-4, min_top1=1.0)
     plain = nt.load(path, ctx_size=64, kernels="off")
-    np.testing.assert_allclose(ours, plain.logits(ids), rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+    theirs = plain.logits(ids)
+    _check(theirs, ref[:8], max_rel=1e-4, min_top1=1.0)
+    # Pointwise, the XLA path sits ~1e-6 of max|logit| from float64. The kernels' integer path
+    # rounds x to 16 bits a block before every product: on this model that moves a logit by
+    # 6e-5 to 1.2e-4 of max|logit| (Q6_K, 48 draws of ids; Q4_0 and Q8_0 alike), so the bound
+    # is twice the worst seen.
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2.5e-4 * np.abs(ref[:8]).max())
     prompt = [int(i) for i in ids[:4]]
     greedy = SamplingParams(temperature=0.0)
     assert (list(engine.generate_tokens(prompt, max_new_tokens=4, params=greedy))

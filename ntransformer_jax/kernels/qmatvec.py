@@ -163,7 +163,7 @@ FUSE_X_MAX_ROWS = 1
 # Q5_K down 434 vs 488, qkv 161 vs 188).
 FUSE_X_BATCHED: frozenset = frozenset({T.Q4_1, T.Q5_K})
 PREFETCH = False       # True: the default tiles load one chunk ahead (`BlockSizes.prefetch`;
-                       # bit-identical on CPU, not yet timed on a GPU)
+                       # bit-identical; slower on most 70B and 8B launches on an H100, session 15)
 MIN_BLOCK_N = 8        # smaller row tiles waste most of each load; such N is rejected instead
 MIN_PROGRAMS = 256     # about two programs an SM: below it get_default trades block_k for split_k
 DEFAULT_TARGET_PROGRAMS = 2048  # programs per launch that `get_default` aims for with split_k
