@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 w_data = jax.device_put(w_host)
                 packed = jax.block_until_ready(qm.repack(w_data, qtype, k))
                 nbytes = sum(int(a.nbytes) for a in packed)
-                n_copies = 1 if args.smoke else min(args.unroll, -(-ROTATION_BYTES // nbytes))
+                n_copies = min(args.unroll, -(-ROTATION_BYTES // nbytes))
                 packs = [packed] + [jax.block_until_ready(tuple(jnp.array(a, copy=True)
                                                                 for a in packed))
                                     for _ in range(n_copies - 1)]

@@ -38,6 +38,7 @@ def test_kernels_bench_smoke(tmp_path):
         assert r["default"]["ok"] and r["xla"]["time_s"] > 0
         assert best["time_s"] == min(c["time_s"] for c in r["configs"] if c.get("ok"))
         assert r["weight_bytes"] >= r["gguf_bytes"] > 0
+        assert r["copies"] == res["unroll"] and r["same_size_read_gbps"] > 0   # tiny: a copy a call
     swept = [r for r in res["results"] if r["shape"] == "big" and r["m"] == 1]
     assert all(len(r["configs"]) > 1 for r in swept), "the sweep tried no other config"
 
