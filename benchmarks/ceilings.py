@@ -34,7 +34,8 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def pipelined_time(fn, repeats: int, min_sample_s: float = 5e-3, max_calls: int = 256) -> float:
+def pipelined_time(fn, repeats: int, min_sample_s: float = 5e-3, max_calls: int = 256,
+                   warmup_s: float = 0.0) -> float:
     """Median seconds per fn() call, with calls issued back to back and blocked once per sample.
 
     Each sample dispatches fn() n times without waiting (n chosen so a sample lasts about
@@ -42,10 +43,16 @@ def pipelined_time(fn, repeats: int, min_sample_s: float = 5e-3, max_calls: int 
     device program shorter than one host round trip is not charged that round trip, as it would
     be by `median_time`. If the host dispatches slower than the device runs, the figure is the
     dispatch rate. Call fn() once beforehand: the first blocked call here only sizes n.
+    `warmup_s`: run samples untimed for that long first. An H100 left idle (a compile, host
+    work) drops its SM clock (345 MHz idle against 1,980 under load) and needs a while under
+    load to come back: short launches timed at once read up to 1.5x slower.
     """
     t = time.perf_counter()
     jax.block_until_ready(fn())
     n = max(1, min(max_calls, math.ceil(min_sample_s / max(time.perf_counter() - t, 1e-9))))
+    t = time.perf_counter()
+    while time.perf_counter() - t < warmup_s:
+        jax.block_until_ready([fn() for _ in range(n)])
     samples = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -74,26 +81,25 @@ def hbm_read_gbps(n_bytes: int = 4 << 30, warmup_s: float = 0.5) -> float:
 def same_size_read_gbps(n_bytes: int, copies: int = 1, calls: int = 8, repeats: int = 7) -> float:
     """GB/s of one XLA read of `n_bytes` (an int32 max of each 64 KiB row, `hbm_read_gbps`'s
     kernel, the size rounded down to whole rows): `calls` reductions in one jitted program, each
-    over the next of `copies` buffers in turn, kept apart (not fused into one launch) by an
-    optimization barrier; timed like `hbm_read_gbps`. The attainable rate of a launch that
-    short, against which a short kernel is judged beside the large-read ceiling."""
+    over the next of `copies` buffers in turn; each takes the max with one value of the one
+    before, so XLA can neither merge two into one launch nor compute one read once for two
+    calls (it removes optimization barriers and does both). Timed like `hbm_read_gbps`. The
+    attainable rate of a launch that short, against which a short kernel is judged beside the
+    large-read ceiling."""
     rows = max(1, n_bytes // (1 << 16))
     bufs = [jnp.full((rows, 1 << 14), i, jnp.int32) for i in range(copies)]
 
     @jax.jit
     def reads(bufs):
-        out, dep = [], jnp.int32(0)
+        out, dep = [], jnp.int32(-1)
         for i in range(calls):
-            buf, dep = lax.optimization_barrier((bufs[i % copies], dep))
-            out.append(jnp.max(buf, axis=1))
-            dep = out[-1][0]
+            out.append(jnp.max(jnp.maximum(bufs[i % copies], dep), axis=1))
+            dep = out[-1][0] - (1 << 20)   # below every value: the max is unchanged, but not known
         return out
 
     jax.block_until_ready(reads(bufs))
-    t = time.perf_counter()
-    while time.perf_counter() - t < 0.2:
-        jax.block_until_ready(reads(bufs))
-    return rows * (1 << 16) * calls / pipelined_time(lambda: reads(bufs), repeats) / 1e9
+    return rows * (1 << 16) * calls / pipelined_time(lambda: reads(bufs), repeats,
+                                                     warmup_s=0.2) / 1e9
 
 
 def h2d_gbps(n_bytes: int = 2 << 30) -> float:

@@ -20,7 +20,8 @@ Sweep, in this order, each step within a share of `--budget_s` (defaults always 
 3. the other shapes: the three best gate/up configs of the same M, and split_k variants of the
    best; then the shapes named by `--descend` get their own M = 1 descent from their best. Configs that `qmatvec.plan` rejects are skipped; `--quick` runs step 1 only.
 
-Timing (`ceilings.pipelined_time`): one jitted program runs the kernel on `--unroll` different x
+Timing (`ceilings.pipelined_time`, after `--warmup_s` untimed, as the card drops its SM clock
+while a config compiles): one jitted program runs the kernel on `--unroll` different x
 (the kernel alone: with a K-split its partial sums stay unadded, as the engine's consumers take them)
 and, for matrices smaller than `ROTATION_BYTES`, on copies of the weight in turn, so that no call
 finds its weight in the L2 cache (50 MB on an H100) where the last left it: in the engine every
@@ -211,7 +212,8 @@ class Bench:
                 case.scale, case.x_bound = (
                     1.1 * s_g * jnp.abs(u) + jnp.abs(jax.nn.silu(g)) * s_u
                     for s_g, s_u in (jnp.split(a, 2, axis=1) for a in (case.scale, case.x_bound)))
-            t = pipelined_time(lambda: ref_fn(case.xs[0], case.w_data), self.args.repeats)
+            t = pipelined_time(lambda: ref_fn(case.xs[0], case.w_data), self.args.repeats,
+                               warmup_s=self.args.warmup_s)
         except Exception as err:  # noqa: BLE001 - report and go on with the other cases
             case.xla = dict(error=_one_line(err))
             print(f"  {case.label} XLA reference: {case.xla['error']}", flush=True)
@@ -252,7 +254,8 @@ class Bench:
             y0 = jax.block_until_ready(calls(case.xs, case.packs))[0]
             y0 = y0 if case.glu else y0.sum(axis=0)
             rec["compile_s"] = time.perf_counter() - t0   # compile and first run
-            t = pipelined_time(lambda: calls(case.xs, case.packs), self.args.repeats)
+            t = pipelined_time(lambda: calls(case.xs, case.packs), self.args.repeats,
+                               warmup_s=self.args.warmup_s)
         except Exception as err:  # noqa: BLE001 - a config that does not compile or run
             rec["error"] = _one_line(err)
             print(f"  {case.label} {_bs_short(bs)}: {rec['error']}", flush=True)
@@ -377,6 +380,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="defaults with x quantized by XLA before each launch (qmatvec.FUSE_X off)")
     p.add_argument("--fuse_x_rows", type=int, default=None,
                    help="set qmatvec.FUSE_X_MAX_ROWS: the most x rows the kernel quantizes itself")
+    p.add_argument("--warmup_s", type=float, default=None,
+                   help="seconds each config runs untimed first, so the SM clock is up after the"
+                   " compile (default 0.15; smoke 0)")
+    p.add_argument("--shape_tiles", choices=("on", "off"), default="on",
+                   help="qmatvec.SHAPE_TILES: the defaults take the per-shape tiles (default on)")
     p.add_argument("--prefetch", action="store_true",
                    help="set qmatvec.PREFETCH: the default tiles load one chunk ahead")
     p.add_argument("--m", default=",".join(map(str, M_ROWS)),
@@ -392,6 +400,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.repeats = args.repeats or (2 if args.smoke else 7)
     args.unroll = args.unroll or (2 if args.smoke else 8)
+    args.warmup_s = (0.0 if args.smoke else 0.15) if args.warmup_s is None else args.warmup_s
     try:
         args.m = tuple(int(v) for v in args.m.split(","))
         args.candidates = [qm.BlockSizes(**dict(zip(
@@ -411,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         qm.FUSE_X_MAX_ROWS = args.fuse_x_rows
     if args.prefetch:
         qm.PREFETCH = True
+    qm.SHAPE_TILES = args.shape_tiles == "on"
     t_start = time.perf_counter()
     types = sorted(qm.SUPPORTED_TYPES, key=lambda t: t.name)
     if args.types:
@@ -439,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                                interpret=args.smoke, hbm_read_gbps=ceiling, rtol=RTOL,
                                budget_s=args.budget_s, unroll=args.unroll, repeats=args.repeats,
                                fuse_x=qm.FUSE_X, fuse_x_max_rows=qm.FUSE_X_MAX_ROWS,
-                               prefetch=qm.PREFETCH,
+                               prefetch=qm.PREFETCH, shape_tiles=qm.SHAPE_TILES,
+                               warmup_s=args.warmup_s,
                                types=[t.name for t in types])
     print(f"{dev.device_kind} jax {jax.__version__}: HBM read ceiling {ceiling:.0f} GB/s", flush=True)
     bench = Bench(args, ceiling)
