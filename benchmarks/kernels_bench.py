@@ -383,6 +383,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup_s", type=float, default=None,
                    help="seconds each config runs untimed first, so the SM clock is up after the"
                    " compile (default 0.15; smoke 0)")
+    p.add_argument("--copies", type=int, default=0,
+                   help="copies of each weight the unrolled launches read in turn (default 0:"
+                   " enough to add up to ROTATION_BYTES; 1: every launch reads one weight)")
     p.add_argument("--shape_tiles", choices=("on", "off"), default="on",
                    help="qmatvec.SHAPE_TILES: the defaults take the per-shape tiles (default on)")
     p.add_argument("--prefetch", action="store_true",
@@ -465,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 w_data = jax.device_put(w_host)
                 packed = jax.block_until_ready(qm.repack(w_data, qtype, k))
                 nbytes = sum(int(a.nbytes) for a in packed)
-                n_copies = min(args.unroll, -(-ROTATION_BYTES // nbytes))
+                n_copies = args.copies or min(args.unroll, -(-ROTATION_BYTES // nbytes))
                 packs = [packed] + [jax.block_until_ready(tuple(jnp.array(a, copy=True)
                                                                 for a in packed))
                                     for _ in range(n_copies - 1)]
