@@ -45,7 +45,7 @@ def pipelined_time(fn, repeats: int, min_sample_s: float = 5e-3, max_calls: int 
     dispatch rate. Call fn() once beforehand: the first blocked call here only sizes n.
     `warmup_s`: run samples untimed for that long first. An H100 left idle (a compile, host
     work) drops its SM clock (345 MHz idle against 1,980 under load) and needs a while under
-    load to come back: short launches timed at once read up to 1.5x slower.
+    load to come back (one short launch read 1.5x slower timed cold, session 16).
     """
     t = time.perf_counter()
     jax.block_until_ready(fn())
@@ -71,10 +71,7 @@ def hbm_read_gbps(n_bytes: int = 4 << 30, warmup_s: float = 0.5) -> float:
     best = 0.0
     for f, a in ((jax.jit(jnp.sum), x), (jax.jit(lambda v: jnp.max(v, axis=1)), rows)):
         jax.block_until_ready(f(a))
-        t = time.perf_counter()
-        while time.perf_counter() - t < warmup_s:
-            jax.block_until_ready([f(a) for _ in range(8)])
-        best = max(best, n_bytes / pipelined_time(lambda: f(a), 10) / 1e9)
+        best = max(best, n_bytes / pipelined_time(lambda: f(a), 10, warmup_s=warmup_s) / 1e9)
     return best
 
 
@@ -83,9 +80,9 @@ def same_size_read_gbps(n_bytes: int, copies: int = 1, calls: int = 8, repeats: 
     kernel, the size rounded down to whole rows): `calls` reductions in one jitted program, each
     over the next of `copies` buffers in turn; each takes the max with one value of the one
     before, so XLA can neither merge two into one launch nor compute one read once for two
-    calls (it removes optimization barriers and does both). Timed like `hbm_read_gbps`. The
-    attainable rate of a launch that short, against which a short kernel is judged beside the
-    large-read ceiling."""
+    calls (it removes optimization barriers and does both). Timed like `hbm_read_gbps`. What a
+    plain read of that size reaches, for comparison with a short kernel; on an H100 it was as
+    noisy as the kernels (benchmarks/RESULTS.md, session 16), so it is no bound yet."""
     rows = max(1, n_bytes // (1 << 16))
     bufs = [jnp.full((rows, 1 << 14), i, jnp.int32) for i in range(copies)]
 

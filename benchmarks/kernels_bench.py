@@ -28,8 +28,8 @@ finds its weight in the L2 cache (50 MB on an H100) where the last left it: in t
 launch reads a weight that nothing has read since the token before. Dispatched back to back and
 blocked once per sample; the median over `--repeats` samples, divided by the calls per sample.
 Beside each (type, shape), an XLA int32 max over buffers of the same byte count, rotated the same
-way (`same_size_read`): what one plain read of that size reaches, the bound of a short launch. The XLA baseline runs one call
-per program (its dequantization would otherwise be shared across the unrolled calls).
+way (`ceilings.same_size_read_gbps`): what one plain read of that size reaches, for comparison.
+The XLA baseline runs one call per program (its dequantization would otherwise be shared across the unrolled calls).
 Correctness: every timed config's output for x[0] is compared with the XLA reference on the same
 device: max |y - ref| / (|x| @ |W|^T) <= 1e-5, on the integer path after taking off the bound of
 x's rounding (max|x_block| / 65278 per element, times |W|), as tests/test_kernels.py's
